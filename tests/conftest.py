@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny corpora written by the project's own generator, CPU only."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eatdist.config import SynthConfig
+from eatdist.data.corpus import DatasetInfo, ShardInfo
+from eatdist.data.shards import AtomicShardWriter
+from eatdist.data.synth import (
+    _encode,
+    attribute_groups,
+    attribute_names,
+    class_attribute_matrix,
+    class_name,
+    class_prototypes,
+    render_sample,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 32
+
+
+def write_corpus(root: Path, sizes: dict[str, list[int]], corrupt: dict[str, str] | None = None,
+                 num_classes: int = 4, image_size: int = IMAGE_SIZE, seed: int = 0) -> DatasetInfo:
+    """Write a synthetic corpus whose shards have exactly ``sizes`` samples each.
+
+    ``corrupt`` maps a sample key to how it is broken: "image" (undecodable bytes), "json"
+    (malformed), "nojson", "attrs" (wrong attribute count).
+    """
+    corrupt = corrupt or {}
+    cfg = SynthConfig(num_classes=num_classes, image_size=image_size, seed=seed)
+    protos = class_prototypes(num_classes, seed)
+    root.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[ShardInfo]] = {}
+    for split, counts in sizes.items():
+        splits[split] = []
+        index = 0
+        for shard_index, count in enumerate(counts):
+            name = f"{split}-{shard_index:06d}.tar"
+            with AtomicShardWriter(root / name) as writer:
+                for _ in range(count):
+                    image, record = render_sample(cfg, protos, split, index)
+                    key = f"{split}_{index:07d}"
+                    sample = {"__key__": key, "jpg": _encode(image, "jpg"), "json": json.dumps(record).encode()}
+                    kind = corrupt.get(key)
+                    if kind == "image":
+                        sample["jpg"] = b"\xff\xd8 not really a jpeg"
+                    elif kind == "json":
+                        sample["json"] = b"{not json"
+                    elif kind == "nojson":
+                        del sample["json"]
+                    elif kind == "attrs":
+                        sample["json"] = json.dumps(dict(record, attributes=[1.0, 0.0])).encode()
+                    writer.write(sample)
+                    index += 1
+            splits[split].append(ShardInfo(name, count))
+    info = DatasetInfo(
+        name="tiny", classes=[class_name(p) for p in protos], attributes=attribute_names(), splits=splits,
+        attribute_groups=attribute_groups(), class_attributes=class_attribute_matrix(protos, cfg.attr_noise), root=root,
+    )
+    info.save(root)
+    return info
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> DatasetInfo:
+    """Train 3 shards (160, 96, 64), val 2 shards, test 1 shard, 32 px."""
+    return write_corpus(tmp_path_factory.mktemp("tiny"), {"train": [160, 96, 64], "val": [50, 30], "test": [40]})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: CPU only, one thread each, quiet warnings."""
+    env = dict(os.environ)
+    env.update({"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"})
+    env.update(extra)
+    return env
+
+
+def accelerate_launch(args: list[str], processes: int = 2) -> list[str]:
+    """The command a user types: ``accelerate launch --multi_gpu --num_processes N -m eatdist ...``."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", "eatdist", *args]
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if result.returncode != 0:
+        print(result.stdout[-4000:])
+        print(result.stderr[-4000:])
+    return result

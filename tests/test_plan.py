@@ -1,0 +1,60 @@
+from collections import Counter
+
+import pytest
+
+from eatdist.data.plan import plan_eval, plan_train, slice_sequence, train_steps
+from eatdist.errors import DataError
+
+UNEVEN = [("s0", 37), ("s1", 5), ("s2", 120), ("s3", 64), ("s4", 11)]
+
+
+def positions(segments):
+    return [(s.path, i) for s in segments for i in range(s.start, s.stop)]
+
+
+@pytest.mark.parametrize("world,workers,batch", [(2, 2, 8), (3, 2, 5), (4, 3, 4), (8, 4, 2), (1, 1, 16)])
+def test_train_plan_equal_steps_no_sample_twice(world, workers, batch):
+    steps = train_steps(237, world, batch)
+    seen = Counter()
+    for rank in range(world):
+        plans = plan_train(UNEVEN, world=world, rank=rank, workers=workers, batch_size=batch, seed=1, epoch=2)
+        per_worker = [sum(s.count for s in p) for p in plans]
+        # worker w delivers the batches w, w + workers, ... the DataLoader asks it for
+        assert per_worker == [len(range(w, steps, workers)) * batch for w in range(workers)]
+        for p in plans:
+            seen.update(positions(p))
+    assert max(seen.values()) == 1
+    # only the documented remainder is left out: less than one batch per rank plus N % world
+    assert 237 - sum(seen.values()) < world * batch + world
+
+
+def test_fewer_shards_than_readers_still_balanced():
+    plans = [plan_train([("only", 100)], world=4, rank=r, workers=2, batch_size=4, seed=0, epoch=0) for r in range(4)]
+    counts = [sum(s.count for s in p) for rank_plans in plans for p in rank_plans]
+    assert counts == [12] * 8
+
+
+def test_shard_order_changes_with_epoch_and_is_shared_by_ranks():
+    a = plan_train(UNEVEN, world=2, rank=0, workers=1, batch_size=4, seed=0, epoch=0)
+    by_epoch = [plan_train(UNEVEN, world=2, rank=0, workers=1, batch_size=4, seed=0, epoch=e) for e in range(6)]
+    assert len({tuple(p[0]) for p in by_epoch}) > 1
+    assert a == plan_train(UNEVEN, world=2, rank=0, workers=1, batch_size=4, seed=0, epoch=0)
+
+
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 2), (3, 4), (7, 2)])
+def test_eval_plan_reads_every_sample_exactly_once(world, workers):
+    seen = Counter()
+    for rank in range(world):
+        for p in plan_eval(UNEVEN, world=world, rank=rank, workers=workers):
+            seen.update(positions(p))
+    assert sum(seen.values()) == 237 and max(seen.values()) == 1
+
+
+def test_slice_crosses_shard_boundaries():
+    segs = slice_sequence([("a", 10), ("b", 10), ("c", 10)], 5, 25)
+    assert [(s.path, s.start, s.stop) for s in segs] == [("a", 5, 10), ("b", 0, 10), ("c", 0, 5)]
+
+
+def test_too_small_split_is_a_clear_error():
+    with pytest.raises(DataError, match="fewer than one batch per rank"):
+        train_steps(10, 2, 8)
