@@ -1,0 +1,57 @@
+"""Heatmaps for classes and attributes.
+
+Both heads are linear over a global average pool, so the Grad-CAM weight of channel ``c`` for
+target ``k`` is ``W[k, c] / (H * W)`` and Grad-CAM equals CAM up to that constant:
+``map_k = relu(sum_c W[k, c] * A[c])``. All maps of a batch come from one forward pass and one
+einsum, with no backward. Non-linear heads fall back to Grad-CAM by batched autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eatdist.models.eat import EATModel, linear_weight
+
+
+def normalise_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Scale each ``[..., H, W]`` map to a maximum of 1 (all-zero maps stay zero)."""
+    peak = maps.flatten(-2).amax(-1)[..., None, None]
+    return maps / peak.clamp(min=eps)
+
+
+def closed_form_maps(model: EATModel, features: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    """Return ``[B, 1 + K, H, W]`` maps: the class ``classes[b]``, then attributes ``attributes[b]``.
+
+    ``features`` is the ``[B, C, H, W]`` map from :meth:`EATModel.feature_map`; ``attributes`` is
+    ``[B, K]`` attribute indices. Raises:
+        ValueError: when the heads are not linear (use :func:`gradcam_autograd`).
+    """
+    w_class, w_attr = linear_weight(model.class_head), linear_weight(model.attr_head)
+    if w_class is None or w_attr is None:
+        raise ValueError("closed-form maps need linear heads; use gradcam_autograd")
+    weights = torch.cat([w_class[classes][:, None, :], w_attr[attributes]], dim=1)  # [B, 1+K, C]
+    return torch.relu(torch.einsum("bkc,bchw->bkhw", weights.to(features.dtype), features))
+
+
+def gradcam_autograd(model: EATModel, images: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM by autograd for any heads: ``[B, 1 + K, H, W]``, same layout as closed form.
+
+    One backward pass for all targets (``is_grads_batched``), never one per target.
+    """
+    with torch.enable_grad():
+        features = model.feature_map(images)
+        class_logits, attr_logits = model.heads(features)
+        scores = torch.cat([class_logits.gather(1, classes[:, None]), attr_logits.gather(1, attributes)], dim=1)
+        targets = scores.shape[1]
+        # grad_outputs[t] selects target t of every image; images are independent in eval mode.
+        selectors = torch.eye(targets, dtype=scores.dtype, device=scores.device)[:, None, :].expand(targets, *scores.shape)
+        (grads,) = torch.autograd.grad(scores, features, grad_outputs=selectors.contiguous(), is_grads_batched=True)
+    alphas = grads.mean(dim=(3, 4))  # [T, B, C]
+    return torch.relu(torch.einsum("tbc,bchw->bthw", alphas, features.detach()))
+
+
+def explanation_maps(model: EATModel, images: torch.Tensor, features: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    """Return class and attribute maps by the cheapest exact route for ``model``'s heads."""
+    if model.linear_heads:
+        return closed_form_maps(model, features, classes, attributes)
+    return gradcam_autograd(model, images, classes, attributes)

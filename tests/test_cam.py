@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from eatdist.explain.cam import closed_form_maps, gradcam_autograd, normalise_maps
+from eatdist.models.eat import EATModel
+from eatdist.models.registry import create_backbone
+
+BACKBONES = [("test_resnet", {"output_stride": 16}), ("test_convnext", {}), ("test_vit", {"img_size": 64})]
+
+
+@pytest.mark.parametrize("name,kwargs", BACKBONES)
+def test_closed_form_equals_autograd_gradcam(name, kwargs):
+    torch.manual_seed(0)
+    model = EATModel(create_backbone(name, **kwargs), num_classes=6, num_attributes=9).eval()
+    images = torch.randn(3, 3, 64, 64)
+    classes = torch.tensor([0, 4, 5])
+    attributes = torch.tensor([[1, 2, 8], [0, 3, 7], [5, 6, 4]])
+    with torch.no_grad():
+        out = model(images)
+        closed = closed_form_maps(model, out.features, classes, attributes)
+    autograd = gradcam_autograd(model, images, classes, attributes)
+    assert closed.shape == autograd.shape == (3, 4, *out.features.shape[2:])
+    assert (closed.flatten(2).amax(2) > 0).any()
+    torch.testing.assert_close(normalise_maps(closed), normalise_maps(autograd), atol=1e-5, rtol=0)
+
+
+def test_nonlinear_heads_use_batched_autograd():
+    model = EATModel(create_backbone("test_resnet"), 4, 5, head_hidden=16).eval()
+    assert not model.linear_heads
+    with pytest.raises(ValueError, match="linear heads"):
+        closed_form_maps(model, torch.randn(1, model.num_features, 2, 2), torch.tensor([0]), torch.tensor([[1]]))
+    maps = gradcam_autograd(model, torch.randn(2, 3, 64, 64), torch.tensor([1, 2]), torch.tensor([[0, 1], [2, 3]]))
+    assert maps.shape == (2, 3, 2, 2) and (maps >= 0).all()

@@ -1,0 +1,107 @@
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, cpu_env, write_corpus
+from eatdist.config import ExplainConfig
+from eatdist.data.shards import iter_shard
+from eatdist.explain.job import resolve_inputs, run_explain
+from eatdist.explain.text import explanation_text
+from eatdist.models.package import PackageMeta, build_model, load_package, save_package
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory, tiny_corpus):
+    """An (untrained) model package over the tiny corpus: explanation mechanics need no training."""
+    model = build_model("test_resnet", {"output_stride": 16}, tiny_corpus.num_classes, tiny_corpus.num_attributes)
+    meta = PackageMeta(backbone="test_resnet", backbone_args={"output_stride": 16}, classes=tiny_corpus.classes,
+                       attributes=tiny_corpus.attributes, class_attributes=tiny_corpus.class_attributes,
+                       preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}, dataset="tiny")
+    return save_package(tmp_path_factory.mktemp("pkg") / "model", model.eval(), meta)
+
+
+def keys_of(paths):
+    return [s["__key__"] for p in paths for s in iter_shard(p)]
+
+
+def test_package_round_trip_gives_same_outputs(package):
+    import torch
+
+    model, meta = load_package(package)
+    again, _ = load_package(package)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x).class_logits, again(x).class_logits)
+    assert meta.model_id.startswith("tiny-test_resnet-")
+
+
+def test_explanation_shards_follow_contract_4(tmp_path, tiny_corpus, package):
+    out = tmp_path / "out"
+    summary = run_explain(str(package), str(tiny_corpus.root / "val-*.tar"), str(out), ExplainConfig(top_k=3, batch_size=16))
+    assert summary["explained"] == 80 and summary["undecodable"] == 0
+    inputs = resolve_inputs(str(tiny_corpus.root / "val-*.tar"))
+    assert sorted(p.name for p in out.glob("*.tar")) == ["val-000000.tar", "val-000001.tar"]
+    assert keys_of(sorted(out.glob("*.tar"))) == keys_of(inputs)  # same keys, same order
+    sample = next(iter_shard(out / "val-000000.tar"))
+    record = json.loads(sample["json"])
+    assert record["class_name"] == tiny_corpus.classes[record["class"]]
+    assert len(record["top_attributes"]) == 3
+    contributions = [a["contribution"] for a in record["top_attributes"]]
+    assert contributions == sorted(contributions, reverse=True)
+    cls = np.array(tiny_corpus.class_attributes[record["class"]])
+    for a in record["top_attributes"]:
+        assert a["contribution"] == pytest.approx(a["probability"] * cls[a["index"]], abs=2e-5)
+    assert sample["txt"].decode() == record["text"]
+    assert record["text"].startswith(f"{record['class_name']} (") and "because it has" in record["text"]
+    assert "true_class" in record and record["model_id"]
+    maps = np.load(io.BytesIO(sample["heatmaps.npy"]), allow_pickle=False)
+    assert maps.dtype == np.float16 and maps.shape == (4, 2, 2)
+    assert Image.open(io.BytesIO(sample["overlay.jpg"])).size == (32, 32)
+
+
+def test_text_lists_attributes_in_words():
+    assert (explanation_text("red disc", 0.94, ["red body", "striped pattern", "small size"])
+            == "red disc (94%): because it has a red body, a striped pattern and a small size")
+    assert explanation_text("x", 0.5, ["orange top"]) == "x (50%): because it has an orange top"
+
+
+def test_undecodable_images_counted_listed_and_job_goes_on(tmp_path, package):
+    corpus = write_corpus(tmp_path / "c", {"test": [10, 10]}, corrupt={"test_0000004": "image", "test_0000015": "nojson"})
+    summary = run_explain(str(package), str(corpus.root), str(tmp_path / "out"), ExplainConfig())
+    assert summary["explained"] == 19 and summary["undecodable"] == 1
+    assert summary["undecodable_samples"][0]["key"] == "test_0000004"
+    assert "test_0000015" in keys_of(sorted((tmp_path / "out").glob("*.tar")))  # images alone are fine
+
+
+@pytest.mark.slow
+def test_killed_explain_rerun_explains_every_key_exactly_once(tmp_path, package):
+    corpus = write_corpus(tmp_path / "c", {"test": [40] * 8})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "eatdist", "explain", "--model", str(package), "--input", str(corpus.root / "*.tar"),
+           "--output", str(out), "explain.batch_size=4"]
+    proc = subprocess.Popen(cmd, env=cpu_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (len(list(out.glob("*.tar"))) < 2 or not list(out.glob(".*.tmp"))):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(out.glob("*.tar"))
+    assert 2 <= len(finished) < 8, "the kill should land part-way"
+    for shard in finished:  # no partial shard under a final name
+        assert len(keys_of([shard])) == 40
+    assert list(out.glob(".*.tmp")), "the killed shard is left under its temporary name"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in finished}
+    result = subprocess.run(cmd, env=cpu_env(), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in finished} == mtimes  # finished shards skipped
+    counts = Counter(keys_of(sorted(out.glob("*.tar"))))
+    assert set(counts) == set(keys_of(sorted(corpus.root.glob("*.tar")))) and set(counts.values()) == {1}
+    assert not list(out.glob(".*.tmp"))
+    assert json.loads((out / "explain_summary.json").read_text())["explained"] == 320
