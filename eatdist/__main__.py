@@ -1,0 +1,5 @@
+import sys
+
+from eatdist.cli.main import main
+
+sys.exit(main())
