@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv and install eatdist with its test tools, once; later calls return at once.
+# Set PYTHON to pick the interpreter (3.10+), EATDIST_TORCH to choose the torch build installed
+# when the venv has none (default: the tested torch 2.14.1 + torchvision 0.29.1 pair).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${EATDIST_VENV:-.venv}
+STAMP="$VENV/.eatdist-setup"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/eatdist" ]; then
+    exit 0
+fi
+"$PYTHON" - <<'PY'
+import sys
+if sys.version_info < (3, 10):
+    sys.exit(f"eatdist needs Python 3.10 or newer; {sys.executable} is {sys.version.split()[0]}")
+PY
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+# An existing torch (for example the user's own CUDA build) is kept.
+if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
+    echo "setup: installing ${EATDIST_TORCH:-torch==2.14.1 torchvision==0.29.1} into $VENV (first run only)"
+    # shellcheck disable=SC2086
+    "${PIP[@]}" ${EATDIST_TORCH:-torch==2.14.1 torchvision==0.29.1}
+fi
+echo "setup: installing eatdist and its dependencies into $VENV"
+"${PIP[@]}" --quiet -e ".[dev]"
+echo "$want" > "$STAMP"

@@ -1,0 +1,65 @@
+"""Real multi-process runs, started the way a user starts them (accelerate launch, torchrun)."""
+
+import json
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import accelerate_launch, cpu_env, free_port, run, write_corpus
+from eatdist.data.shards import iter_shard
+from eatdist.models.package import load_package
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["model.backbone=test_resnet", "data.image_size=32", "data.batch_size=8", "data.num_workers=2",
+         "data.shuffle_buffer=20", "train.log_every=5"]
+
+
+def test_two_process_training_on_uneven_shards(tmp_path):
+    # 5 shards of different sizes, 2 ranks x 2 workers: fewer samples than a naive split expects.
+    corpus = write_corpus(tmp_path / "data", {"train": [53, 7, 91, 30, 12], "val": [17, 9], "test": [21]})
+    out = tmp_path / "run"
+    result = run(accelerate_launch(["train", *TRAIN, f"data.root={corpus.root}", f"train.output_dir={out}",
+                                    "train.epochs=2"]), timeout=400)
+    assert result.returncode == 0
+    reports = [json.loads((out / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in reports] == [2, 2]
+    expected = (193 // 2) // 8
+    assert reports[0]["steps_per_epoch"] == reports[1]["steps_per_epoch"] == [expected, expected]
+    assert reports[0]["parameter_sha256"] == reports[1]["parameter_sha256"]
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["kind"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(e["val_samples"] == 26 for e in epochs)  # each val sample counted once across ranks
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["test_samples"] == 21
+    model, meta = load_package(out / "model")
+    assert meta.classes == corpus.classes and (out / "config.yaml").is_file()
+    assert (out / "tensorboard").is_dir() and (out / "checkpoints" / "epoch-0002").is_dir()
+
+    # explanation with 2 processes under torchrun: whole shards per rank, every key exactly once
+    explained = tmp_path / "explained"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "eatdist", "explain", "--model", str(out / "model"), "--input", str(corpus.root / "train-*.tar"),
+           "--output", str(explained)]
+    result = run(cmd, timeout=300)
+    assert result.returncode == 0
+    counts = Counter(s["__key__"] for p in sorted(explained.glob("*.tar")) for s in iter_shard(p))
+    inputs = [s["__key__"] for p in sorted(corpus.root.glob("train-*.tar")) for s in iter_shard(p)]
+    assert set(counts) == set(inputs) and set(counts.values()) == {1}
+    assert "explained 193 images from 5 shards" in result.stdout
+
+
+def test_resume_continues_from_latest_checkpoint(tmp_path):
+    corpus = write_corpus(tmp_path / "data", {"train": [64, 64], "val": [16]})
+    out = tmp_path / "run"
+    args = ["train", *TRAIN, "data.num_workers=0", f"data.root={corpus.root}", f"train.output_dir={out}"]
+    assert run([sys.executable, "-m", "eatdist", *args, "train.epochs=1"]).returncode == 0
+    first = json.loads((out / "checkpoints" / "epoch-0001" / "trainer_state.json").read_text())
+    result = run([sys.executable, "-m", "eatdist", *args, "train.epochs=2", "--resume"])
+    assert result.returncode == 0
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs if e["kind"] == "epoch"] == [1, 2]  # epoch 1 not run again
+    second = json.loads((out / "checkpoints" / "epoch-0002" / "trainer_state.json").read_text())
+    assert second["global_step"] == 2 * first["global_step"]
