@@ -28,8 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
 
 
-def write_corpus(root: Path, sizes: dict[str, list[int]], corrupt: dict[str, str] | None = None,
-                 num_classes: int = 4, image_size: int = IMAGE_SIZE, seed: int = 0) -> DatasetInfo:
+def write_corpus(
+    root: Path,
+    sizes: dict[str, list[int]],
+    corrupt: dict[str, str] | None = None,
+    num_classes: int = 4,
+    image_size: int = IMAGE_SIZE,
+    seed: int = 0,
+) -> DatasetInfo:
     """Write a synthetic corpus whose shards have exactly ``sizes`` samples each.
 
     ``corrupt`` maps a sample key to how it is broken: "image" (undecodable bytes), "json"
@@ -63,8 +69,13 @@ def write_corpus(root: Path, sizes: dict[str, list[int]], corrupt: dict[str, str
                     index += 1
             splits[split].append(ShardInfo(name, count))
     info = DatasetInfo(
-        name="tiny", classes=[class_name(p) for p in protos], attributes=attribute_names(), splits=splits,
-        attribute_groups=attribute_groups(), class_attributes=class_attribute_matrix(protos, cfg.attr_noise), root=root,
+        name="tiny",
+        classes=[class_name(p) for p in protos],
+        attributes=attribute_names(),
+        splits=splits,
+        attribute_groups=attribute_groups(),
+        class_attributes=class_attribute_matrix(protos, cfg.attr_noise),
+        root=root,
     )
     info.save(root)
     return info
@@ -85,17 +96,40 @@ def free_port() -> int:
 def cpu_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: CPU only, one thread each, quiet warnings."""
     env = dict(os.environ)
-    env.update({"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"})
+    env.update(
+        {
+            "ACCELERATE_USE_CPU": "1",
+            "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONWARNINGS": "ignore",
+            "TQDM_DISABLE": "1",
+        }
+    )
     env.update(extra)
     return env
 
 
 def accelerate_launch(args: list[str], processes: int = 2) -> list[str]:
     """The command a user types: ``accelerate launch --multi_gpu --num_processes N -m eatdist ...``."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "-m", "eatdist", *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "eatdist",
+        *args,
+    ]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:

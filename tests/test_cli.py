@@ -2,20 +2,19 @@
 
 import sys
 
-import pytest
-
 from conftest import run, write_corpus
 
 
 def eatdist(*args):
     result = run([sys.executable, "-m", "eatdist", *args])
-    lines = [l for l in result.stderr.splitlines() if l.strip() and "Warning" not in l and not l.startswith(" ")]
+    lines = result.stderr.splitlines()
+    lines = [line for line in lines if line.strip() and "Warning" not in line and not line.startswith(" ")]
     return result.returncode, lines
 
 
 def assert_one_line_error(code, lines, *fragments):
     assert code != 0
-    errors = [l for l in lines if l.startswith("eatdist: error:")]
+    errors = [line for line in lines if line.startswith("eatdist: error:")]
     assert len(errors) == 1, lines
     assert "Traceback" not in "\n".join(lines)
     for fragment in fragments:
@@ -38,19 +37,34 @@ def test_missing_shard_file(tmp_path):
 
 def test_unknown_backbone_with_close_matches(tmp_path):
     corpus = write_corpus(tmp_path / "c", {"train": [16], "val": [8]})
-    assert_one_line_error(*eatdist("train", f"data.root={corpus.root}", "model.backbone=resnet5O"),
-                          "unknown backbone 'resnet5O'", "resnet50")
+    assert_one_line_error(
+        *eatdist("train", f"data.root={corpus.root}", "model.backbone=resnet5O"),
+        "unknown backbone 'resnet5O'",
+        "resnet50",
+    )
 
 
 def test_not_a_model_package(tmp_path):
     corpus = write_corpus(tmp_path / "c", {"test": [4]})
-    assert_one_line_error(*eatdist("explain", "--model", str(tmp_path), "--input", str(corpus.root), "--output",
-                                   str(tmp_path / "o")), "is not an eatdist model package")
+    assert_one_line_error(
+        *eatdist("explain", "--model", str(tmp_path), "--input", str(corpus.root), "--output", str(tmp_path / "o")),
+        "is not an eatdist model package",
+    )
 
 
 def test_no_input_shards(tmp_path):
-    assert_one_line_error(*eatdist("explain", "--model", str(tmp_path), "--input", str(tmp_path / "none-*.tar"),
-                                   "--output", str(tmp_path / "o")), "no input shards match")
+    assert_one_line_error(
+        *eatdist(
+            "explain",
+            "--model",
+            str(tmp_path),
+            "--input",
+            str(tmp_path / "none-*.tar"),
+            "--output",
+            str(tmp_path / "o"),
+        ),
+        "no input shards match",
+    )
 
 
 def test_not_a_corpus(tmp_path):

@@ -26,8 +26,16 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("override", ["train.epochs=abc", "train.epochs=1.5", "data.augment_typo=1",
-                                      "train.mixed_precision=fp8", "loss.attr_weight=[1]"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.epochs=abc",
+        "train.epochs=1.5",
+        "data.augment_typo=1",
+        "train.mixed_precision=fp8",
+        "loss.attr_weight=[1]",
+    ],
+)
 def test_wrong_type_or_choice_is_an_error(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(None, [override])

@@ -6,22 +6,34 @@ from collections import Counter
 
 import pytest
 
-from conftest import accelerate_launch, cpu_env, free_port, run, write_corpus
+from conftest import accelerate_launch, free_port, run, write_corpus
 from eatdist.data.shards import iter_shard
 from eatdist.models.package import load_package
 
 pytestmark = pytest.mark.slow
 
-TRAIN = ["model.backbone=test_resnet", "data.image_size=32", "data.batch_size=8", "data.num_workers=2",
-         "data.shuffle_buffer=20", "train.log_every=5"]
+TRAIN = [
+    "model.backbone=test_resnet",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=2",
+    "data.shuffle_buffer=20",
+    "train.log_every=5",
+]
 
 
 def test_two_process_training_on_uneven_shards(tmp_path):
     # 5 shards of different sizes, 2 ranks x 2 workers: fewer samples than a naive split expects.
-    corpus = write_corpus(tmp_path / "data", {"train": [53, 7, 91, 30, 12], "val": [17, 9], "test": [21]})
+    # Two corrupt training samples and one corrupt val sample must not unbalance the ranks.
+    corrupt = {"train_0000005": "image", "train_0000100": "json", "val_0000003": "attrs"}
+    corpus = write_corpus(
+        tmp_path / "data", {"train": [53, 7, 91, 30, 12], "val": [17, 9], "test": [21]}, corrupt=corrupt
+    )
     out = tmp_path / "run"
-    result = run(accelerate_launch(["train", *TRAIN, f"data.root={corpus.root}", f"train.output_dir={out}",
-                                    "train.epochs=2"]), timeout=400)
+    result = run(
+        accelerate_launch(["train", *TRAIN, f"data.root={corpus.root}", f"train.output_dir={out}", "train.epochs=2"]),
+        timeout=400,
+    )
     assert result.returncode == 0
     reports = [json.loads((out / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in reports] == [2, 2]
@@ -31,7 +43,10 @@ def test_two_process_training_on_uneven_shards(tmp_path):
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["kind"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2]
-    assert all(e["val_samples"] == 26 for e in epochs)  # each val sample counted once across ranks
+    # each good val sample counted once across ranks, the corrupt one skipped and counted
+    assert all(e["val_samples"] == 25 and e["val_skipped"] == 1 for e in epochs)
+    # each epoch meets both corrupt samples unless the equal-steps rule left one unread
+    assert 3 <= sum(e["train_skipped"] for e in epochs) <= 4
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["test_samples"] == 21
     model, meta = load_package(out / "model")
@@ -40,15 +55,25 @@ def test_two_process_training_on_uneven_shards(tmp_path):
 
     # explanation with 2 processes under torchrun: whole shards per rank, every key exactly once
     explained = tmp_path / "explained"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "eatdist", "explain", "--model", str(out / "model"), "--input", str(corpus.root / "train-*.tar"),
-           "--output", str(explained)]
+
+    def torchrun_explain(pattern, output):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "-m", "eatdist", "explain", "--model", str(out / "model"), "--input",
+                str(corpus.root / pattern), "--output", str(output)]  # fmt: skip
+
+    cmd = torchrun_explain("train-*.tar", explained)
     result = run(cmd, timeout=300)
     assert result.returncode == 0
     counts = Counter(s["__key__"] for p in sorted(explained.glob("*.tar")) for s in iter_shard(p))
     inputs = [s["__key__"] for p in sorted(corpus.root.glob("train-*.tar")) for s in iter_shard(p)]
-    assert set(counts) == set(inputs) and set(counts.values()) == {1}
-    assert "explained 193 images from 5 shards" in result.stdout
+    # the undecodable image is listed, not explained; the one with a broken json is explained
+    assert set(counts) == set(inputs) - {"train_0000005"} and set(counts.values()) == {1}
+    assert "explained 192 images from 5 shards" in result.stdout and "; 1 undecodable" in result.stdout
+
+    # one input shard, two ranks: the rank without a shard exits cleanly
+    result = run(torchrun_explain("test-*.tar", tmp_path / "one"))
+    assert result.returncode == 0
+    assert "explained 21 images from 1 shards" in result.stdout
 
 
 def test_resume_continues_from_latest_checkpoint(tmp_path):

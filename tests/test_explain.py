@@ -22,9 +22,15 @@ from eatdist.models.package import PackageMeta, build_model, load_package, save_
 def package(tmp_path_factory, tiny_corpus):
     """An (untrained) model package over the tiny corpus: explanation mechanics need no training."""
     model = build_model("test_resnet", {"output_stride": 16}, tiny_corpus.num_classes, tiny_corpus.num_attributes)
-    meta = PackageMeta(backbone="test_resnet", backbone_args={"output_stride": 16}, classes=tiny_corpus.classes,
-                       attributes=tiny_corpus.attributes, class_attributes=tiny_corpus.class_attributes,
-                       preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}, dataset="tiny")
+    meta = PackageMeta(
+        backbone="test_resnet",
+        backbone_args={"output_stride": 16},
+        classes=tiny_corpus.classes,
+        attributes=tiny_corpus.attributes,
+        class_attributes=tiny_corpus.class_attributes,
+        preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        dataset="tiny",
+    )
     return save_package(tmp_path_factory.mktemp("pkg") / "model", model.eval(), meta)
 
 
@@ -44,7 +50,9 @@ def test_package_round_trip_gives_same_outputs(package):
 
 def test_explanation_shards_follow_contract_4(tmp_path, tiny_corpus, package):
     out = tmp_path / "out"
-    summary = run_explain(str(package), str(tiny_corpus.root / "val-*.tar"), str(out), ExplainConfig(top_k=3, batch_size=16))
+    summary = run_explain(
+        str(package), str(tiny_corpus.root / "val-*.tar"), str(out), ExplainConfig(top_k=3, batch_size=16)
+    )
     assert summary["explained"] == 80 and summary["undecodable"] == 0
     inputs = resolve_inputs(str(tiny_corpus.root / "val-*.tar"))
     assert sorted(p.name for p in out.glob("*.tar")) == ["val-000000.tar", "val-000001.tar"]
@@ -67,13 +75,17 @@ def test_explanation_shards_follow_contract_4(tmp_path, tiny_corpus, package):
 
 
 def test_text_lists_attributes_in_words():
-    assert (explanation_text("red disc", 0.94, ["red body", "striped pattern", "small size"])
-            == "red disc (94%): because it has a red body, a striped pattern and a small size")
+    assert (
+        explanation_text("red disc", 0.94, ["red body", "striped pattern", "small size"])
+        == "red disc (94%): because it has a red body, a striped pattern and a small size"
+    )
     assert explanation_text("x", 0.5, ["orange top"]) == "x (50%): because it has an orange top"
 
 
 def test_undecodable_images_counted_listed_and_job_goes_on(tmp_path, package):
-    corpus = write_corpus(tmp_path / "c", {"test": [10, 10]}, corrupt={"test_0000004": "image", "test_0000015": "nojson"})
+    corpus = write_corpus(
+        tmp_path / "c", {"test": [10, 10]}, corrupt={"test_0000004": "image", "test_0000015": "nojson"}
+    )
     summary = run_explain(str(package), str(corpus.root), str(tmp_path / "out"), ExplainConfig())
     assert summary["explained"] == 19 and summary["undecodable"] == 1
     assert summary["undecodable_samples"][0]["key"] == "test_0000004"
@@ -84,8 +96,19 @@ def test_undecodable_images_counted_listed_and_job_goes_on(tmp_path, package):
 def test_killed_explain_rerun_explains_every_key_exactly_once(tmp_path, package):
     corpus = write_corpus(tmp_path / "c", {"test": [40] * 8})
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "eatdist", "explain", "--model", str(package), "--input", str(corpus.root / "*.tar"),
-           "--output", str(out), "explain.batch_size=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "eatdist",
+        "explain",
+        "--model",
+        str(package),
+        "--input",
+        str(corpus.root / "*.tar"),
+        "--output",
+        str(out),
+        "explain.batch_size=4",
+    ]
     proc = subprocess.Popen(cmd, env=cpu_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and (len(list(out.glob("*.tar"))) < 2 or not list(out.glob(".*.tmp"))):

@@ -12,8 +12,17 @@ PRE = Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def stream(info, split, train, rank=0, world=1, workers=0, batch=16, epoch=0):
-    s = ShardStream(info, split, preprocess=PRE, batch_size=batch, train=train, rank=rank, world=world,
-                    num_workers=workers, shuffle_buffer=50)
+    s = ShardStream(
+        info,
+        split,
+        preprocess=PRE,
+        batch_size=batch,
+        train=train,
+        rank=rank,
+        world=world,
+        num_workers=workers,
+        shuffle_buffer=50,
+    )
     s.set_epoch(epoch)
     return s
 
@@ -65,7 +74,7 @@ def test_corrupt_samples_skipped_counted_and_replaced(tmp_path, caplog):
 
 
 def test_missing_shard_named(tmp_path):
-    info = write_corpus(tmp_path, {"train": [20, 20]})
+    write_corpus(tmp_path, {"train": [20, 20]})
     (tmp_path / "train-000001.tar").unlink()
     with pytest.raises(DataError, match="train-000001.tar"):
         stream(load_dataset_info(tmp_path), "train", True)

@@ -16,9 +16,20 @@ pytestmark = pytest.mark.slow
 def plugin_path(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(REPO / "plugins" / "eatdist-example-backbone")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO / "plugins" / "eatdist-example-backbone"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     return target
@@ -34,14 +45,41 @@ def test_train_and_explain_with_the_plugin_backbone(tmp_path, plugin_path):
     corpus = write_corpus(tmp_path / "data", {"train": [64, 32], "val": [16], "test": [16]})
     env = cpu_env(PYTHONPATH=str(plugin_path))
     out = tmp_path / "run"
-    result = run([sys.executable, "-m", "eatdist", "train", "model.backbone=tinycnn", "model.backbone_args={width: 8}",
-                  f"data.root={corpus.root}", f"train.output_dir={out}", "data.image_size=32", "data.batch_size=16",
-                  "data.num_workers=0", "train.epochs=1"], env=env)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "eatdist",
+            "train",
+            "model.backbone=tinycnn",
+            "model.backbone_args={width: 8}",
+            f"data.root={corpus.root}",
+            f"train.output_dir={out}",
+            "data.image_size=32",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "train.epochs=1",
+        ],
+        env=env,
+    )
     assert result.returncode == 0
     meta = json.loads((out / "model" / "eatdist_model.json").read_text())
     assert meta["backbone"] == "tinycnn" and meta["preprocess"]["mean"] == [0.5, 0.5, 0.5]
-    result = run([sys.executable, "-m", "eatdist", "explain", "--model", str(out / "model"), "--input",
-                  str(corpus.root / "test-*.tar"), "--output", str(tmp_path / "expl")], env=env)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "eatdist",
+            "explain",
+            "--model",
+            str(out / "model"),
+            "--input",
+            str(corpus.root / "test-*.tar"),
+            "--output",
+            str(tmp_path / "expl"),
+        ],
+        env=env,
+    )
     assert result.returncode == 0
     sample = next(iter_shard(tmp_path / "expl" / "test-000000.tar"))
     assert json.loads(sample["json"])["model_id"].startswith("tiny-tinycnn-")

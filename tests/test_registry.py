@@ -73,7 +73,9 @@ def test_contract_breaking_plugin_is_named(fake_plugins):
 
 def test_backbones_command_lists_and_reports_failures(fake_plugins):
     env = cpu_env(PYTHONPATH=str(fake_plugins))
-    result = subprocess.run([sys.executable, "-m", "eatdist", "backbones"], capture_output=True, text=True, env=env, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "eatdist", "backbones"], capture_output=True, text=True, env=env, cwd=REPO
+    )
     assert "goodnet" in result.stdout and "timm" in result.stdout
     assert "FAILED: backbone plugin 'broken' (package fake-plugins 1.2)" in result.stderr
     assert result.returncode == 1

@@ -44,7 +44,9 @@ def test_corpus_follows_contract_1(tmp_path):
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     def digest(folder):
-        return hashlib.sha256(b"".join((folder / f).read_bytes() for f in sorted(p.name for p in folder.glob("*.tar")))).hexdigest()
+        return hashlib.sha256(
+            b"".join((folder / f).read_bytes() for f in sorted(p.name for p in folder.glob("*.tar")))
+        ).hexdigest()
 
     generate(_small(seed=3), tmp_path / "a", progress=False)
     generate(_small(seed=3, workers=2), tmp_path / "b", progress=False)

@@ -31,15 +31,28 @@ def launch_command(processes: int, args: list[str]) -> tuple[list[str], dict[str
     Uses GPUs when there are at least ``processes`` of them, else CPU processes with gloo.
     """
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
     if processes > 1:
         cmd.append("--multi_gpu")
     if torch.cuda.device_count() < processes:
         # accelerate's --cpu starts a single process; this variable keeps --multi_gpu's N processes.
         env["ACCELERATE_USE_CPU"] = "1"
-        cmd.append("--cpu") if processes == 1 else None
+        if processes == 1:
+            cmd.append("--cpu")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     return cmd + ["-m", "eatdist"] + args, env
 
@@ -78,8 +91,19 @@ def run_demo(workdir: str, processes: int, config: str | None, overrides: list[s
     common = (["--config", config] if config else []) + list(overrides)
     cmd, env = launch_command(processes, ["train", *common, f"data.root={data}", f"train.output_dir={run}"])
     _run("train", cmd, env)
-    cmd, env = launch_command(processes, ["explain", "--model", str(run / "model"), "--input",
-                                          str(data / "test-*.tar"), "--output", str(explained), *common])
+    cmd, env = launch_command(
+        processes,
+        [
+            "explain",
+            "--model",
+            str(run / "model"),
+            "--input",
+            str(data / "test-*.tar"),
+            "--output",
+            str(explained),
+            *common,
+        ],
+    )
     _run("explain", cmd, env)
     metrics = json.loads((run / "final_metrics.json").read_text())
     summary = json.loads((explained / "explain_summary.json").read_text())
@@ -88,8 +112,7 @@ def run_demo(workdir: str, processes: int, config: str | None, overrides: list[s
     print(f"test class top-1:        {metrics['test_top1']:.3f}")
     print(f"test attribute accuracy: {metrics['test_attr_acc']:.3f}")
     print(f"model package:           {run / 'model'}")
-    print(f"explanation shards:      {explained} ({summary['explained']} images, "
-          f"{summary['undecodable']} undecodable)")
+    print(f"explanation shards:      {explained} ({summary['explained']} images, {summary['undecodable']} undecodable)")
     print(f"overlay images:          {root / 'overlays'}")
     for path, text in overlays[:3]:
         print(f"  {path.name}: {text}")

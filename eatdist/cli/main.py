@@ -51,8 +51,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     finally:
         dist.destroy_process_group()
     if summary is not None:
-        print(f"explained {summary['explained']} images from {summary['input_shards']} shards into {summary['output']}"
-              f"; {summary['undecodable']} undecodable (listed in {summary['output']}/explain_summary.json)")
+        print(
+            f"explained {summary['explained']} images from {summary['input_shards']} shards into {summary['output']}"
+            f"; {summary['undecodable']} undecodable (listed in {summary['output']}/explain_summary.json)"
+        )
     return 0
 
 
@@ -79,8 +81,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eatdist", description="Explainable attribute-based multi-task "
-                                     "image classification, trained and explained at scale.")
+    parser = argparse.ArgumentParser(
+        prog="eatdist",
+        description="Explainable attribute-based multi-task image classification, trained and explained at scale.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -80,8 +80,7 @@ class DatasetInfo:
         if self.class_attributes is not None:
             out["class_attributes"] = self.class_attributes
         out["splits"] = {
-            split: [{"file": s.file, "samples": s.samples} for s in shards]
-            for split, shards in self.splits.items()
+            split: [{"file": s.file, "samples": s.samples} for s in shards] for split, shards in self.splits.items()
         }
         return out
 
@@ -110,7 +109,9 @@ def load_dataset_info(root: str | Path) -> DatasetInfo:
     if path.is_dir() or not path.name.endswith(".json"):
         path = path / DATASET_FILE
     if not path.is_file():
-        raise DataError(f"no {DATASET_FILE} found at {path} (is this a corpus folder? run 'eatdist synth' or 'eatdist convert')")
+        raise DataError(
+            f"no {DATASET_FILE} found at {path} (is this a corpus folder? run 'eatdist synth' or 'eatdist convert')"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -123,11 +124,10 @@ def load_dataset_info(root: str | Path) -> DatasetInfo:
         try:
             splits[split] = [ShardInfo(str(s["file"]), int(s["samples"])) for s in shards]
         except (KeyError, TypeError, ValueError):
-            raise DataError(f"{path}: split '{split}' must list {{\"file\", \"samples\"}} entries") from None
+            raise DataError(f'{path}: split \'{split}\' must list {{"file", "samples"}} entries') from None
     class_attributes = data.get("class_attributes")
     if class_attributes is not None and (
-        len(class_attributes) != len(classes)
-        or any(len(row) != len(attributes) for row in class_attributes)
+        len(class_attributes) != len(classes) or any(len(row) != len(attributes) for row in class_attributes)
     ):
         raise DataError(f"{path}: class_attributes must be {len(classes)} x {len(attributes)}")
     return DatasetInfo(

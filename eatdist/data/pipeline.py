@@ -12,7 +12,7 @@ import json
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -114,7 +114,30 @@ def parse_labels(sample: dict[str, Any], num_classes: int, num_attributes: int) 
     return label, values, mask_values
 
 
-def read_segments(segments: list[Segment], counter: dict[str, int]) -> Iterator[dict[str, Any]]:
+@dataclass
+class SkipTally:
+    """Corrupt samples one worker met this epoch; each is counted once, even when re-read."""
+
+    pending: int = 0
+    logged: int = 0
+    seen: set[str] = field(default_factory=set)
+
+    def skip(self, what: str, reason: str, count: int = 1) -> None:
+        if what in self.seen:
+            return
+        self.seen.add(what)
+        self.pending += count
+        if self.logged < MAX_LOGGED_PER_WORKER:
+            self.logged += 1
+            log.warning("skipping %s: %s", what, reason)
+
+    def take(self) -> int:
+        """Return the skips not yet reported and reset them."""
+        count, self.pending = self.pending, 0
+        return count
+
+
+def read_segments(segments: list[Segment], tally: SkipTally) -> Iterator[dict[str, Any]]:
     """Yield the raw samples of ``segments``; a shard that ends early counts its lost samples."""
     for seg in segments:
         position = 0
@@ -130,8 +153,7 @@ def read_segments(segments: list[Segment], counter: dict[str, int]) -> Iterator[
             log.warning("%s", exc)
         if position < seg.stop:
             missing = seg.stop - max(position, seg.start)
-            counter["skipped"] += missing
-            log.warning("shard %s ended after %d samples; %d planned samples skipped", seg.path, position, missing)
+            tally.skip(f"{missing} samples of {seg.path}", f"the shard ended after {position} samples", missing)
 
 
 class ShardStream(IterableDataset):
@@ -158,7 +180,7 @@ class ShardStream(IterableDataset):
         crop_scale_min: float = 1.0,
     ) -> None:
         super().__init__()
-        self.shards = list(zip(info.shard_paths(split), [s.samples for s in info.shards(split)]))
+        self.shards = list(zip(info.shard_paths(split), [s.samples for s in info.shards(split)], strict=True))
         self.split = split
         self.num_classes, self.num_attributes = info.num_classes, info.num_attributes
         self.batch_size, self.train = batch_size, train
@@ -181,26 +203,35 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         workers = self.workers if info is not None else 1
         if self.train:
-            plans = plan_train(self.shards, world=self.world, rank=self.rank, workers=workers,
-                               batch_size=self.batch_size, seed=self.seed, epoch=self.epoch)
+            plans = plan_train(
+                self.shards,
+                world=self.world,
+                rank=self.rank,
+                workers=workers,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                epoch=self.epoch,
+            )
         else:
             plans = plan_eval(self.shards, world=self.world, rank=self.rank, workers=workers)
         return worker, plans[worker]
 
-    def _decoded(self, raw: Iterator[dict[str, Any]], counter: dict[str, int]) -> Iterator[dict[str, Any]]:
+    def _decoded(self, raw: Iterator[dict[str, Any]], tally: SkipTally) -> Iterator[dict[str, Any]]:
         for sample in raw:
             try:
                 label, attrs, mask = parse_labels(sample, self.num_classes, self.num_attributes)
                 image = decode_image(sample)
             except BadSample as exc:
-                counter["skipped"] += 1
-                if counter["logged"] < MAX_LOGGED_PER_WORKER:
-                    counter["logged"] += 1
-                    log.warning("skipping sample %s in %s: %s", sample.get("__key__"), sample.get("__shard__"), exc)
+                tally.skip(f"sample {sample.get('__key__')} in {sample.get('__shard__')}", str(exc))
                 continue
             tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-            yield {"key": sample["__key__"], "image": self.transform(tensor), "label": label,
-                   "attributes": attrs, "attr_mask": mask}
+            yield {
+                "key": sample["__key__"],
+                "image": self.transform(tensor),
+                "label": label,
+                "attributes": attrs,
+                "attr_mask": mask,
+            }
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         buffer: list[dict[str, Any]] = []
@@ -214,30 +245,29 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _collate(self, items: list[dict[str, Any]], counter: dict[str, int]) -> dict[str, Any]:
+    def _collate(self, items: list[dict[str, Any]], tally: SkipTally) -> dict[str, Any]:
         batch = {
             "keys": [it["key"] for it in items],
             "image": torch.stack([it["image"] for it in items]),
             "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
             "attributes": torch.tensor([it["attributes"] for it in items], dtype=torch.float32),
             "attr_mask": torch.tensor([it["attr_mask"] for it in items], dtype=torch.float32),
-            "skipped": counter["skipped"],
+            "skipped": tally.take(),
         }
-        counter["skipped"] = 0
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, segments = self._worker_plan()
-        counter = {"skipped": 0, "logged": 0}
+        tally = SkipTally()
         if not self.train:
             items: list[dict[str, Any]] = []
-            for item in self._decoded(read_segments(segments, counter), counter):
+            for item in self._decoded(read_segments(segments, tally), tally):
                 items.append(item)
                 if len(items) == self.batch_size:
-                    yield self._collate(items, counter)
+                    yield self._collate(items, tally)
                     items = []
-            if items or counter["skipped"]:
-                yield self._collate(items, counter) if items else self._empty_batch(counter)
+            if items or tally.pending:
+                yield self._collate(items, tally) if items else self._empty_batch(tally)
             return
         quota = sum(s.count for s in segments)
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
@@ -245,12 +275,12 @@ class ShardStream(IterableDataset):
         delivered, passes = 0, 0
         while delivered < quota:
             before = delivered
-            stream = self._shuffled(self._decoded(read_segments(segments, counter), counter), rng)
+            stream = self._shuffled(self._decoded(read_segments(segments, tally), tally), rng)
             for item in stream:
                 items.append(item)
                 delivered += 1
                 if len(items) == self.batch_size:
-                    yield self._collate(items, counter)
+                    yield self._collate(items, tally)
                     items = []
                 if delivered == quota:
                     break
@@ -258,10 +288,14 @@ class ShardStream(IterableDataset):
             if delivered == before:
                 raise DataError(f"no usable sample in {[s.path for s in segments]} (every sample is corrupt)")
             if delivered < quota and passes == 1:
-                log.warning("worker %d of rank %d re-reads its share to replace %d skipped samples",
-                            worker, self.rank, quota - delivered)
+                log.warning(
+                    "worker %d of rank %d re-reads its share to replace %d skipped samples",
+                    worker,
+                    self.rank,
+                    quota - delivered,
+                )
 
-    def _empty_batch(self, counter: dict[str, int]) -> dict[str, Any]:
+    def _empty_batch(self, tally: SkipTally) -> dict[str, Any]:
         size = self.transform.transforms[0].size
         batch = {
             "keys": [],
@@ -269,9 +303,8 @@ class ShardStream(IterableDataset):
             "label": torch.zeros(0, dtype=torch.long),
             "attributes": torch.zeros(0, self.num_attributes),
             "attr_mask": torch.zeros(0, self.num_attributes),
-            "skipped": counter["skipped"],
+            "skipped": tally.take(),
         }
-        counter["skipped"] = 0
         return batch
 
 

@@ -103,7 +103,9 @@ def plan_train(
     return plans
 
 
-def plan_eval(shards: list[ShardInfo] | list[tuple[str, int]], *, world: int, rank: int, workers: int) -> list[list[Segment]]:
+def plan_eval(
+    shards: list[ShardInfo] | list[tuple[str, int]], *, world: int, rank: int, workers: int
+) -> list[list[Segment]]:
     """Return, for each worker of ``rank``, the segments it reads once (no shuffle, no drop)."""
     pairs = [(s.file, s.samples) if isinstance(s, ShardInfo) else s for s in shards]
     total = sum(c for _, c in pairs)

@@ -84,7 +84,7 @@ def class_prototypes(num_classes: int, seed: int) -> list[tuple[int, ...]]:
         chosen: list[tuple[int, ...]] = []
         for idx in order:
             combo = combos[idx]
-            if all(sum(a != b for a, b in zip(combo, c)) >= min_distance for c in chosen):
+            if all(sum(a != b for a, b in zip(combo, c, strict=True)) >= min_distance for c in chosen):
                 chosen.append(combo)
                 if len(chosen) == num_classes:
                     return chosen
@@ -149,7 +149,9 @@ def _box(mask: np.ndarray) -> list[int]:
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
-def render_sample(cfg: SynthConfig, prototypes: list[tuple[int, ...]], split: str, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+def render_sample(
+    cfg: SynthConfig, prototypes: list[tuple[int, ...]], split: str, index: int
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Draw sample ``index`` of ``split``: the RGB image and its contract-1 ``json`` record.
 
     Deterministic in (seed, split, index), whatever process draws it.
@@ -235,11 +237,13 @@ def _write_shard(args: tuple[SynthConfig, list[tuple[int, ...]], _Job]) -> int:
     with AtomicShardWriter(job.path) as writer:
         for i in range(job.start, job.start + job.count):
             image, record = render_sample(cfg, prototypes, job.split, i)
-            writer.write({
-                "__key__": f"{job.split}_{i:07d}",
-                cfg.image_format: _encode(image, cfg.image_format),
-                "json": json.dumps(record).encode(),
-            })
+            writer.write(
+                {
+                    "__key__": f"{job.split}_{i:07d}",
+                    cfg.image_format: _encode(image, cfg.image_format),
+                    "json": json.dumps(record).encode(),
+                }
+            )
     return job.count
 
 

@@ -19,7 +19,9 @@ def normalise_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return maps / peak.clamp(min=eps)
 
 
-def closed_form_maps(model: EATModel, features: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+def closed_form_maps(
+    model: EATModel, features: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor
+) -> torch.Tensor:
     """Return ``[B, 1 + K, H, W]`` maps: the class ``classes[b]``, then attributes ``attributes[b]``.
 
     ``features`` is the ``[B, C, H, W]`` map from :meth:`EATModel.feature_map`; ``attributes`` is
@@ -33,7 +35,9 @@ def closed_form_maps(model: EATModel, features: torch.Tensor, classes: torch.Ten
     return torch.relu(torch.einsum("bkc,bchw->bkhw", weights.to(features.dtype), features))
 
 
-def gradcam_autograd(model: EATModel, images: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+def gradcam_autograd(
+    model: EATModel, images: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor
+) -> torch.Tensor:
     """Grad-CAM by autograd for any heads: ``[B, 1 + K, H, W]``, same layout as closed form.
 
     One backward pass for all targets (``is_grads_batched``), never one per target.
@@ -44,13 +48,17 @@ def gradcam_autograd(model: EATModel, images: torch.Tensor, classes: torch.Tenso
         scores = torch.cat([class_logits.gather(1, classes[:, None]), attr_logits.gather(1, attributes)], dim=1)
         targets = scores.shape[1]
         # grad_outputs[t] selects target t of every image; images are independent in eval mode.
-        selectors = torch.eye(targets, dtype=scores.dtype, device=scores.device)[:, None, :].expand(targets, *scores.shape)
+        selectors = torch.eye(targets, dtype=scores.dtype, device=scores.device)[:, None, :].expand(
+            targets, *scores.shape
+        )
         (grads,) = torch.autograd.grad(scores, features, grad_outputs=selectors.contiguous(), is_grads_batched=True)
     alphas = grads.mean(dim=(3, 4))  # [T, B, C]
     return torch.relu(torch.einsum("tbc,bchw->bthw", alphas, features.detach()))
 
 
-def explanation_maps(model: EATModel, images: torch.Tensor, features: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+def explanation_maps(
+    model: EATModel, images: torch.Tensor, features: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor
+) -> torch.Tensor:
     """Return class and attribute maps by the cheapest exact route for ``model``'s heads."""
     if model.linear_heads:
         return closed_form_maps(model, features, classes, attributes)

@@ -76,8 +76,11 @@ class Explainer:
         self.model, self.meta, self.cfg, self.device = model.to(device).eval(), meta, cfg, device
         self.preprocess = Preprocess.from_json(meta.preprocess)
         self.transform = build_transform(self.preprocess, train=False)
-        self.class_attributes = (torch.tensor(meta.class_attributes, dtype=torch.float32, device=device)
-                                 if meta.class_attributes is not None else None)
+        self.class_attributes = (
+            torch.tensor(meta.class_attributes, dtype=torch.float32, device=device)
+            if meta.class_attributes is not None
+            else None
+        )
         self.top_k = min(cfg.top_k, len(meta.attributes))
 
     @torch.no_grad()
@@ -99,25 +102,30 @@ class Explainer:
             c = int(classes[b])
             names = [self.meta.attributes[int(a)] for a in top[b]]
             text = explanation_text(self.meta.classes[c], float(confidence[b]), names)
-            records.append({
-                "json": {
-                    "class": c,
-                    "class_name": self.meta.classes[c],
-                    "confidence": round(float(confidence[b]), 5),
-                    "top_attributes": [
-                        {"index": int(a), "name": self.meta.attributes[int(a)],
-                         "probability": round(float(attr_probs[b, a]), 5),
-                         "contribution": round(float(contributions[b, a]), 5)}
-                        for a in top[b]
-                    ],
-                    "attribute_probabilities": [round(float(p), 4) for p in attr_probs[b]],
-                    "map_peaks": [round(float(p), 5) for p in peaks[b]],
-                    "text": text,
-                    "model_id": self.meta.model_id,
-                },
-                "txt": text,
-                "maps": maps[b],
-            })
+            records.append(
+                {
+                    "json": {
+                        "class": c,
+                        "class_name": self.meta.classes[c],
+                        "confidence": round(float(confidence[b]), 5),
+                        "top_attributes": [
+                            {
+                                "index": int(a),
+                                "name": self.meta.attributes[int(a)],
+                                "probability": round(float(attr_probs[b, a]), 5),
+                                "contribution": round(float(contributions[b, a]), 5),
+                            }
+                            for a in top[b]
+                        ],
+                        "attribute_probabilities": [round(float(p), 4) for p in attr_probs[b]],
+                        "map_peaks": [round(float(p), 5) for p in peaks[b]],
+                        "text": text,
+                        "model_id": self.meta.model_id,
+                    },
+                    "txt": text,
+                    "maps": maps[b],
+                }
+            )
         return records
 
 
@@ -144,18 +152,22 @@ def explain_shard(explainer: Explainer, in_path: str, out_dir: Path, bar: tqdm |
 
     def flush(writer: AtomicShardWriter) -> None:
         records = explainer.explain([im for _, im in pending])
-        for (sample, image), rec in zip(pending, records):
+        for (sample, image), rec in zip(pending, records, strict=True):
             record = dict(rec["json"], source_shard=name)
             truth = _true_class(sample)
             if truth is not None:
                 record["true_class"] = truth
-            writer.write({
-                "__key__": sample["__key__"],
-                "json": json.dumps(record).encode(),
-                "txt": rec["txt"].encode(),
-                "heatmaps.npy": _npy_bytes(rec["maps"]),
-                f"overlay.{fmt}": overlay(image, rec["maps"][0].astype(np.float32), explainer.cfg.overlay_alpha, fmt),
-            })
+            writer.write(
+                {
+                    "__key__": sample["__key__"],
+                    "json": json.dumps(record).encode(),
+                    "txt": rec["txt"].encode(),
+                    "heatmaps.npy": _npy_bytes(rec["maps"]),
+                    f"overlay.{fmt}": overlay(
+                        image, rec["maps"][0].astype(np.float32), explainer.cfg.overlay_alpha, fmt
+                    ),
+                }
+            )
         report.explained += len(pending)
         if bar is not None:
             bar.update(len(pending))
@@ -214,8 +226,14 @@ def summarise(out_dir: Path, inputs: list[str]) -> dict[str, Any]:
         report = json.loads(report_file.read_text())
         explained += report["explained"]
         undecodable += [dict(u, shard=Path(path).name) for u in report["undecodable"]]
-    summary = {"input_shards": len(inputs), "explained": explained, "undecodable": len(undecodable),
-               "undecodable_samples": undecodable, "incomplete_shards": missing, "output": str(out_dir)}
+    summary = {
+        "input_shards": len(inputs),
+        "explained": explained,
+        "undecodable": len(undecodable),
+        "undecodable_samples": undecodable,
+        "incomplete_shards": missing,
+        "output": str(out_dir),
+    }
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary
 

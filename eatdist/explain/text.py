@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def attribute_contributions(attr_probs: torch.Tensor, classes: torch.Tensor, class_attributes: torch.Tensor | None) -> torch.Tensor:
+def attribute_contributions(
+    attr_probs: torch.Tensor, classes: torch.Tensor, class_attributes: torch.Tensor | None
+) -> torch.Tensor:
     """Return ``[B, A]`` contributions of each attribute to each image's predicted class.
 
     An attribute contributes what the image shows of it times how characteristic it is of the

@@ -150,8 +150,9 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
             candidates += list_timm_models()
         except ImportError:
             pass
-        raise BackboneError(f"unknown backbone '{name}'{close_matches(name, candidates)}; "
-                            "run 'eatdist backbones' to list them")
+        raise BackboneError(
+            f"unknown backbone '{name}'{close_matches(name, candidates)}; run 'eatdist backbones' to list them"
+        )
     factory = _load(plugin)
     if factory is None:
         raise BackboneError(str(_failures[plugin]))
@@ -160,5 +161,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     except BackboneError:
         raise
     except Exception as exc:
-        raise BackboneError(f"backbone '{name}' (plugin '{plugin}'): factory failed: {type(exc).__name__}: {exc}") from exc
+        raise BackboneError(
+            f"backbone '{name}' (plugin '{plugin}'): factory failed: {type(exc).__name__}: {exc}"
+        ) from exc
     return check_backbone(module, name)

@@ -56,8 +56,11 @@ def parameter_digest(model: torch.nn.Module) -> str:
 
 
 def _validate(cfg: Config) -> None:
-    for key, value in (("data.batch_size", cfg.data.batch_size), ("train.epochs", cfg.train.epochs),
-                       ("train.grad_accum", cfg.train.grad_accum)):
+    for key, value in (
+        ("data.batch_size", cfg.data.batch_size),
+        ("train.epochs", cfg.train.epochs),
+        ("train.grad_accum", cfg.train.grad_accum),
+    ):
         if value < 1:
             raise ConfigError(f"config key '{key}': must be at least 1, got {value}")
     if cfg.data.num_workers < 0:
@@ -75,22 +78,40 @@ class Trainer:
         set_seed(cfg.train.seed)
         self.run_dir = Path(cfg.train.output_dir)
         self.info: DatasetInfo = load_dataset_info(cfg.data.root)
-        model = build_model(cfg.model.backbone, cfg.model.backbone_args, self.info.num_classes,
-                            self.info.num_attributes, cfg.model.head_hidden, cfg.model.dropout,
-                            cfg.model.pretrained_path)
+        model = build_model(
+            cfg.model.backbone,
+            cfg.model.backbone_args,
+            self.info.num_classes,
+            self.info.num_attributes,
+            cfg.model.head_hidden,
+            cfg.model.dropout,
+            cfg.model.pretrained_path,
+        )
         self.preprocess = backbone_preprocess(model, cfg.data.image_size)
-        stream_args = dict(preprocess=self.preprocess, batch_size=cfg.data.batch_size,
-                           rank=acc.process_index, world=acc.num_processes,
-                           num_workers=cfg.data.num_workers, seed=cfg.train.seed)
-        self.train_data = ShardStream(self.info, cfg.data.train_split, train=True,
-                                      shuffle_buffer=cfg.data.shuffle_buffer,
-                                      crop_scale_min=cfg.data.crop_scale_min, **stream_args)
+        stream_args = dict(
+            preprocess=self.preprocess,
+            batch_size=cfg.data.batch_size,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.train.seed,
+        )
+        self.train_data = ShardStream(
+            self.info,
+            cfg.data.train_split,
+            train=True,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            crop_scale_min=cfg.data.crop_scale_min,
+            **stream_args,
+        )
         self.steps_per_epoch = self.train_data.steps
         self.updates_per_epoch = max(1, self.steps_per_epoch // cfg.train.grad_accum)
         decay = [p for n, p in model.named_parameters() if p.ndim > 1]
         no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.optim.lr,
+        )
         total_updates = self.updates_per_epoch * cfg.train.epochs
         warmup = min(total_updates, max(1, round(cfg.optim.warmup_epochs * self.updates_per_epoch)))
         self.scheduler = warmup_cosine(optimizer, warmup, total_updates, cfg.optim.min_lr_ratio)
@@ -117,7 +138,9 @@ class Trainer:
     def checkpoints(self) -> list[Path]:
         """Return the saved checkpoints of this run, oldest first."""
         folder = self.run_dir / "checkpoints"
-        found = [p for p in folder.glob("epoch-*") if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").is_file()]
+        found = [
+            p for p in folder.glob("epoch-*") if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").is_file()
+        ]
         return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))  # type: ignore[union-attr]
 
     def save(self) -> Path:
@@ -154,8 +177,9 @@ class Trainer:
         with acc.accumulate(self.model):
             with acc.autocast():
                 out = self.model(batch["image"])
-            loss, _ = eat_loss(out, batch["label"], batch["attributes"], batch["attr_mask"],
-                               cfg.loss.attr_weight, cfg.loss.attr_loss)
+            loss, _ = eat_loss(
+                out, batch["label"], batch["attributes"], batch["attr_mask"], cfg.loss.attr_weight, cfg.loss.attr_loss
+            )
             acc.backward(loss)
             if acc.sync_gradients:
                 if cfg.optim.clip_grad:
@@ -173,12 +197,17 @@ class Trainer:
         self.model.train()
         self.train_data.set_epoch(self.epoch)
         loader = make_loader(self.train_data, self.cfg.data.num_workers)
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
-                   unit="step", disable=not acc.is_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
+            unit="step",
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+        )
         loss_sum, steps, skipped = 0.0, 0, 0
         start = time.time()
         # The plan makes every rank's loader yield steps_per_epoch batches; zip caps it anyway.
-        for _, batch in zip(range(self.steps_per_epoch), loader):
+        for _, batch in zip(range(self.steps_per_epoch), loader, strict=False):
             skipped += int(batch.pop("skipped"))
             loss = self.train_step(self._to_device(batch))
             loss_sum += loss
@@ -194,17 +223,27 @@ class Trainer:
         if int(totals[2]):
             acc.print(f"epoch {self.epoch + 1}: skipped {int(totals[2])} corrupt training samples (see warnings)")
         images_per_s = steps * self.cfg.data.batch_size * acc.num_processes / max(1e-9, time.time() - start)
-        return {"train_loss": float(totals[0] / totals[1]), "train_skipped": int(totals[2]),
-                "images_per_s": round(images_per_s, 1)}
+        return {
+            "train_loss": float(totals[0] / totals[1]),
+            "train_skipped": int(totals[2]),
+            "images_per_s": round(images_per_s, 1),
+        }
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
         """Return class top-1 and attribute accuracy on ``split``, each sample counted once."""
         acc = self.accelerator
-        stream = ShardStream(self.info, split, train=False, preprocess=self.preprocess,
-                             batch_size=self.cfg.data.batch_size, rank=acc.process_index,
-                             world=acc.num_processes, num_workers=self.cfg.data.num_workers,
-                             seed=self.cfg.train.seed)
+        stream = ShardStream(
+            self.info,
+            split,
+            train=False,
+            preprocess=self.preprocess,
+            batch_size=self.cfg.data.batch_size,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            num_workers=self.cfg.data.num_workers,
+            seed=self.cfg.train.seed,
+        )
         # The unwrapped model runs no collective, so ranks may take different step counts here.
         model: EATModel = acc.unwrap_model(self.model)
         self._sync_buffers(model)
@@ -225,9 +264,12 @@ class Trainer:
             sums[2] += ((predicted == truth).float() * mask).sum()
             sums[3] += mask.sum()
         sums = acc.reduce(sums, "sum")
-        return {f"{split}_top1": float(sums[0] / sums[1].clamp(min=1)),
-                f"{split}_attr_acc": float(sums[2] / sums[3].clamp(min=1)),
-                f"{split}_samples": int(sums[1]), f"{split}_skipped": int(sums[4])}
+        return {
+            f"{split}_top1": float(sums[0] / sums[1].clamp(min=1)),
+            f"{split}_attr_acc": float(sums[2] / sums[3].clamp(min=1)),
+            f"{split}_samples": int(sums[1]),
+            f"{split}_skipped": int(sums[4]),
+        }
 
     def _sync_buffers(self, model: torch.nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), those the package will hold.
@@ -246,17 +288,21 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         if resume and not self.resume():
             acc.print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from scratch")
-        acc.print(f"training {cfg.model.backbone} on {self.info.name}: {self.info.num_samples(cfg.data.train_split)} "
-                  f"images, {acc.num_processes} process(es), {self.steps_per_epoch} steps/epoch per process")
+        acc.print(
+            f"training {cfg.model.backbone} on {self.info.name}: {self.info.num_samples(cfg.data.train_split)} "
+            f"images, {acc.num_processes} process(es), {self.steps_per_epoch} steps/epoch per process"
+        )
         metrics: dict[str, Any] = {}
         while self.epoch < cfg.train.epochs:
             metrics = self.train_epoch()
             metrics.update(self.evaluate(cfg.data.val_split))
             self.epoch += 1
             self.logger.log("epoch", self.global_step, {"epoch": self.epoch, **metrics})
-            acc.print(f"epoch {self.epoch}: loss {metrics['train_loss']:.4f}  "
-                      f"val top-1 {metrics[f'{cfg.data.val_split}_top1']:.4f}  "
-                      f"val attr acc {metrics[f'{cfg.data.val_split}_attr_acc']:.4f}")
+            acc.print(
+                f"epoch {self.epoch}: loss {metrics['train_loss']:.4f}  "
+                f"val top-1 {metrics[f'{cfg.data.val_split}_top1']:.4f}  "
+                f"val attr acc {metrics[f'{cfg.data.val_split}_attr_acc']:.4f}"
+            )
             self.save()
         if cfg.train.final_test and cfg.data.test_split and cfg.data.test_split in self.info.splits:
             test = self.evaluate(cfg.data.test_split)
@@ -276,10 +322,14 @@ class Trainer:
             model = acc.unwrap_model(self.model)
             model.load_state_dict(state)
             meta = PackageMeta(
-                backbone=self.cfg.model.backbone, backbone_args=dict(self.cfg.model.backbone_args),
-                head_hidden=self.cfg.model.head_hidden, classes=self.info.classes,
-                attributes=self.info.attributes, attribute_groups=self.info.attribute_groups,
-                class_attributes=self.info.class_attributes, preprocess=self.preprocess.to_json(),
+                backbone=self.cfg.model.backbone,
+                backbone_args=dict(self.cfg.model.backbone_args),
+                head_hidden=self.cfg.model.head_hidden,
+                classes=self.info.classes,
+                attributes=self.info.attributes,
+                attribute_groups=self.info.attribute_groups,
+                class_attributes=self.info.class_attributes,
+                preprocess=self.preprocess.to_json(),
                 dataset=self.info.name,
                 metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
             )
@@ -294,8 +344,12 @@ class Trainer:
         acc = self.accelerator
         folder = self.run_dir / "ranks"
         folder.mkdir(parents=True, exist_ok=True)
-        report = {"rank": acc.process_index, "world": acc.num_processes, "steps_per_epoch": self.rank_steps,
-                  "parameter_sha256": parameter_digest(acc.unwrap_model(self.model))}
+        report = {
+            "rank": acc.process_index,
+            "world": acc.num_processes,
+            "steps_per_epoch": self.rank_steps,
+            "parameter_sha256": parameter_digest(acc.unwrap_model(self.model)),
+        }
         (folder / f"rank-{acc.process_index}.json").write_text(json.dumps(report))
 
     def close(self) -> None:

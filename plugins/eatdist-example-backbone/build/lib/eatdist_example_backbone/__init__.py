@@ -26,8 +26,9 @@ class TinyCNN(nn.Module):
     def __init__(self, width: int = 32, in_chans: int = 3) -> None:
         super().__init__()
         self.stem = _block(in_chans, width, 2)
-        self.stages = nn.Sequential(_block(width, width * 2, 2), _block(width * 2, width * 2, 1),
-                                    _block(width * 2, width * 4, 2))
+        self.stages = nn.Sequential(
+            _block(width, width * 2, 2), _block(width * 2, width * 2, 1), _block(width * 2, width * 4, 2)
+        )
         self.num_features = width * 4
         self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
