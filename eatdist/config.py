@@ -62,6 +62,8 @@ class ModelConfig:
     pretrained_path: str | None = None
     head_hidden: int = 0
     dropout: float = 0.0
+    grad_checkpointing: bool = False
+    channels_last: bool = False
 
 
 @dataclass
@@ -74,9 +76,15 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay; ``lr`` is per process batch as given."""
+    """AdamW with linear warmup and cosine decay.
 
-    lr: float = 2e-3
+    ``lr`` is given per ``lr_base_batch`` images of global batch (batch_size x processes x
+    grad_accum) and scaled linearly to the actual global batch; ``lr_base_batch: null`` uses
+    ``lr`` as it is.
+    """
+
+    lr: float = 8e-3
+    lr_base_batch: int | None = 256
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
@@ -94,6 +102,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20
     final_test: bool = True
+    compile: bool = False
+    # Each rank writes the keys it trained on per epoch (ranks/keys-*.txt): a data-split audit.
+    record_keys: bool = False
 
 
 @dataclass

@@ -24,6 +24,13 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     "${PIP[@]}" ${EATDIST_TORCH:-torch==2.14.1 torchvision==0.29.1}
 fi
+# DeepSpeed ships as source and builds against the torch above: without build isolation, so
+# the build cannot fetch a different torch of its own.
+if ! "$VENV/bin/python" -c "import deepspeed" >/dev/null 2>&1; then
+    echo "setup: installing DeepSpeed into $VENV"
+    "${PIP[@]}" --quiet "setuptools>=64" wheel
+    "${PIP[@]}" --quiet --no-build-isolation "deepspeed>=0.14"
+fi
 echo "setup: installing eatdist and its dependencies into $VENV"
-"${PIP[@]}" --quiet -e ".[dev]"
+"${PIP[@]}" --quiet -e ".[dev,deepspeed]"
 echo "$want" > "$STAMP"

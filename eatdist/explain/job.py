@@ -65,6 +65,7 @@ class ShardReport:
 
     input: str
     output: str
+    rank: int = 0
     explained: int = 0
     undecodable: list[dict[str, str]] = field(default_factory=list)
 
@@ -143,10 +144,12 @@ def _true_class(sample: dict[str, Any]) -> int | None:
     return label if isinstance(label, int) and not isinstance(label, bool) else None
 
 
-def explain_shard(explainer: Explainer, in_path: str, out_dir: Path, bar: tqdm | None = None) -> ShardReport:
+def explain_shard(
+    explainer: Explainer, in_path: str, out_dir: Path, bar: tqdm | None = None, rank: int = 0
+) -> ShardReport:
     """Explain every decodable image of ``in_path`` into ``out_dir/<same name>``; return the report."""
     name = Path(in_path).name
-    report = ShardReport(input=in_path, output=str(out_dir / name))
+    report = ShardReport(input=in_path, output=str(out_dir / name), rank=rank)
     pending: list[tuple[dict[str, Any], Image.Image]] = []
     fmt = explainer.cfg.overlay_format
 
@@ -258,7 +261,7 @@ def run_explain(model_path: str, pattern: str, output: str, cfg: ExplainConfig) 
         log.info("rank %d: %d of %d shards already explained, skipping them", rank, len(mine) - len(todo), len(mine))
     bar = tqdm(total=_planned_samples(todo), desc="explain", unit="img", disable=rank != 0, dynamic_ncols=True)
     for path in todo:
-        explain_shard(explainer, path, out_dir, bar)
+        explain_shard(explainer, path, out_dir, bar, rank)
     bar.close()
     if joined:
         torch.distributed.barrier()

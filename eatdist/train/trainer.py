@@ -28,6 +28,14 @@ from eatdist.errors import ConfigError
 from eatdist.models.eat import EATModel, eat_loss
 from eatdist.models.package import PackageMeta, backbone_preprocess, build_model, save_package
 from eatdist.train.metrics import MetricsLogger
+from eatdist.train.scale import (
+    apply_model_options,
+    configure_deepspeed,
+    gathered,
+    scaled_lr,
+    uses_deepspeed,
+    zero_stage,
+)
 from eatdist.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -47,7 +55,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
-    """Return a SHA-256 over every parameter's bytes, in name order: equal digests, equal models."""
+    """Return a SHA-256 over every parameter's values (as float32), in name order.
+
+    Equal digests mean equal parameters; run it inside :func:`gathered` under ZeRO-3.
+    """
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         h.update(name.encode())
@@ -87,6 +98,7 @@ class Trainer:
             cfg.model.dropout,
             cfg.model.pretrained_path,
         )
+        model = apply_model_options(model, cfg)
         self.preprocess = backbone_preprocess(model, cfg.data.image_size)
         stream_args = dict(
             preprocess=self.preprocess,
@@ -110,12 +122,19 @@ class Trainer:
         no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.optim.lr,
+            lr=scaled_lr(cfg, acc.num_processes),
         )
         total_updates = self.updates_per_epoch * cfg.train.epochs
         warmup = min(total_updates, max(1, round(cfg.optim.warmup_epochs * self.updates_per_epoch)))
         self.scheduler = warmup_cosine(optimizer, warmup, total_updates, cfg.optim.min_lr_ratio)
+        configure_deepspeed(acc, cfg)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        if cfg.train.compile:
+            if uses_deepspeed(acc):
+                raise ConfigError("config key 'train.compile': not supported together with DeepSpeed")
+            self.model = torch.compile(self.model)
+        # Under DeepSpeed bf16/fp16 the parameters themselves are low precision: inputs follow.
+        self.input_dtype = next(acc.unwrap_model(self.model).parameters()).dtype
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimizer updates
         self.skipped_train = 0
@@ -169,7 +188,10 @@ class Trainer:
     # ----------------------------------------------------------------------------- steps
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         device = self.accelerator.device
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        memory_format = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
+        out["image"] = out["image"].to(dtype=self.input_dtype, memory_format=memory_format)
+        return out
 
     def train_step(self, batch: dict[str, Any]) -> float:
         """Run one micro-batch forward/backward (an optimizer update every ``grad_accum``)."""
@@ -205,10 +227,13 @@ class Trainer:
             dynamic_ncols=True,
         )
         loss_sum, steps, skipped = 0.0, 0, 0
+        keys: list[str] = []
         start = time.time()
         # The plan makes every rank's loader yield steps_per_epoch batches; zip caps it anyway.
         for _, batch in zip(range(self.steps_per_epoch), loader, strict=False):
             skipped += int(batch.pop("skipped"))
+            if self.cfg.train.record_keys:
+                keys += batch["keys"]
             loss = self.train_step(self._to_device(batch))
             loss_sum += loss
             steps += 1
@@ -218,6 +243,10 @@ class Trainer:
                 self.logger.log("step", self.global_step, {"loss": loss, "lr": self.scheduler.get_last_lr()[0]})
         bar.close()
         self.rank_steps.append(steps)
+        if self.cfg.train.record_keys:
+            folder = self.run_dir / "ranks"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"keys-epoch{self.epoch + 1:04d}-rank{acc.process_index}.txt").write_text("\n".join(keys) + "\n")
         totals = acc.reduce(torch.tensor([loss_sum, steps, skipped], dtype=torch.float64, device=acc.device), "sum")
         self.skipped_train += int(totals[2])
         if int(totals[2]):
@@ -244,14 +273,15 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
             seed=self.cfg.train.seed,
         )
-        # The unwrapped model runs no collective, so ranks may take different step counts here.
         model: EATModel = acc.unwrap_model(self.model)
         self._sync_buffers(model)
         model.eval()
         sums = torch.zeros(5, dtype=torch.float64, device=acc.device)
-        for batch in make_loader(stream, self.cfg.data.num_workers):
+        for batch in self._eval_batches(make_loader(stream, self.cfg.data.num_workers)):
             sums[4] += int(batch.pop("skipped"))
             if not batch["keys"]:
+                if zero_stage(acc) == 3:  # keep the parameter all-gathers in step with busy ranks
+                    model(self._dummy_input())
                 continue
             batch = self._to_device(batch)
             with acc.autocast():
@@ -270,6 +300,28 @@ class Trainer:
             f"{split}_samples": int(sums[1]),
             f"{split}_skipped": int(sums[4]),
         }
+
+    def _eval_batches(self, loader: Any) -> Any:
+        """Yield the loader's batches; under ZeRO-3 also empty ones until every rank is done.
+
+        Ranks may hold different numbers of evaluation batches. The unwrapped model runs no
+        collective under DDP, so each rank just runs its own; under ZeRO-3 every forward
+        all-gathers parameters, so ranks agree each step on whether anyone still has data.
+        """
+        if zero_stage(self.accelerator) != 3:
+            yield from loader
+            return
+        iterator = iter(loader)
+        while True:
+            batch = next(iterator, None)
+            flag = torch.tensor([0.0 if batch is None else 1.0], device=self.accelerator.device)
+            if float(self.accelerator.reduce(flag, "sum")) == 0:
+                return
+            yield batch if batch is not None else {"keys": [], "image": torch.zeros(0), "skipped": 0}
+
+    def _dummy_input(self) -> torch.Tensor:
+        size = self.preprocess.image_size
+        return torch.zeros(1, 3, size, size, device=self.accelerator.device, dtype=self.input_dtype)
 
     def _sync_buffers(self, model: torch.nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), those the package will hold.
@@ -314,13 +366,21 @@ class Trainer:
         return metrics
 
     def export(self, metrics: dict[str, Any]) -> Path:
-        """Write the model package to ``<run>/model`` and the final metrics next to it."""
+        """Write the model package to ``<run>/model`` and the final metrics next to it.
+
+        The weights are the whole model (gathered from all ranks under ZeRO-3), in float32, in a
+        fresh model: loading the package needs neither DeepSpeed nor the training config.
+        """
         acc = self.accelerator
         path = self.run_dir / "model"
-        state = acc.get_state_dict(self.model)
+        state = acc.get_state_dict(self.model)  # a collective under ZeRO-3
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            model.load_state_dict(state)
+            cfg = self.cfg
+            model = build_model(
+                cfg.model.backbone, cfg.model.backbone_args, self.info.num_classes, self.info.num_attributes,
+                cfg.model.head_hidden,
+            )  # fmt: skip
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
             meta = PackageMeta(
                 backbone=self.cfg.model.backbone,
                 backbone_args=dict(self.cfg.model.backbone_args),
@@ -344,11 +404,15 @@ class Trainer:
         acc = self.accelerator
         folder = self.run_dir / "ranks"
         folder.mkdir(parents=True, exist_ok=True)
+        model = acc.unwrap_model(self.model)
+        with gathered(model, acc):
+            digest = parameter_digest(model)
         report = {
             "rank": acc.process_index,
             "world": acc.num_processes,
+            "zero_stage": zero_stage(acc),
             "steps_per_epoch": self.rank_steps,
-            "parameter_sha256": parameter_digest(acc.unwrap_model(self.model)),
+            "parameter_sha256": digest,
         }
         (folder / f"rank-{acc.process_index}.json").write_text(json.dumps(report))
 
