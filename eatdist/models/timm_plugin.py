@@ -37,6 +37,10 @@ class TimmBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward (timm's own checkpointing of its stages/blocks)."""
+        self.model.set_grad_checkpointing(enable)
+
 
 def timm_backbone(model_name: str, pretrained_path: str | None = None, **kwargs: Any) -> nn.Module:
     """Build timm model ``model_name`` as a backbone, never downloading weights.
