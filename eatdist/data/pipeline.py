@@ -188,11 +188,8 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.transform = build_transform(preprocess, train, crop_scale_min)
         self.epoch = 0
-        if train:
-            self.steps = train_steps(sum(c for _, c in self.shards), world, batch_size)
-        else:
-            total = sum(c for _, c in self.shards)
-            self.samples = total * (rank + 1) // world - total * rank // world
+        # Training steps per epoch, equal on every rank (0 for evaluation, which reads all once).
+        self.steps = train_steps(sum(c for _, c in self.shards), world, batch_size) if train else 0
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shard order and shuffle of ``epoch`` (call before iterating)."""
