@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where needed: the CLI starts without it
+    import torch
 
 
 def _env_int(*names: str, default: int) -> int:
@@ -32,6 +34,8 @@ def local_rank() -> int:
 
 def device() -> torch.device:
     """This process's device: its local GPU when there is one, else the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
@@ -42,6 +46,8 @@ def init_process_group(timeout_hours: float = 24.0) -> bool:
 
     Explanation ranks work independently and only meet at the end, so the timeout is long.
     """
+    import torch
+
     if world_size() <= 1 or not torch.distributed.is_available():
         return False
     if not torch.distributed.is_initialized():
@@ -53,5 +59,7 @@ def init_process_group(timeout_hours: float = 24.0) -> bool:
 
 
 def destroy_process_group() -> None:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -6,14 +6,31 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from eatdist import dist
 from eatdist.errors import EatdistError
+
+if TYPE_CHECKING:
+    from eatdist.data.convert import ConvertOptions
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment YAML (defaults: the synthetic recipe)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def _convert_args(p: argparse.ArgumentParser, test_split: bool) -> None:
+    p.add_argument("src", metavar="SRC", help="the dataset as downloaded and unpacked")
+    p.add_argument("--out", required=True, metavar="DIR", help="corpus folder to write")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard")
+    p.add_argument("--max-side", type=int, metavar="N", help="re-encode larger images as JPEG of this longest side")
+    p.add_argument("--workers", type=int, metavar="N", help="converter processes (default: the CPU count, at most 8)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="share of each class for val")
+    if test_split:
+        p.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="share of each class for test")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the split and the shard order")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -58,6 +75,65 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_options(args: argparse.Namespace, test_fraction: float) -> ConvertOptions:
+    from eatdist.data.convert import ConvertOptions, default_workers
+
+    return ConvertOptions(
+        out=Path(args.out),
+        shard_size=args.shard_size,
+        max_side=args.max_side,
+        workers=args.workers or default_workers(),
+        val_fraction=args.val_fraction,
+        test_fraction=test_fraction,
+        seed=args.seed,
+    )
+
+
+def cmd_convert_cub(args: argparse.Namespace) -> int:
+    from eatdist.data.convert import convert_cub
+
+    subset: Literal["all", "common"] = "common" if args.attr_subset in ("common", "112") else "all"
+    result = convert_cub(
+        args.src,
+        _convert_options(args, test_fraction=0.0),
+        certainty=args.certainty,
+        attr_subset=subset,
+        min_classes=args.attr_min_classes,
+    )
+    print(result.summary())
+    return 0
+
+
+def cmd_convert_sun(args: argparse.Namespace) -> int:
+    from eatdist.data.convert import convert_sun
+
+    print(convert_sun(args.src, _convert_options(args, args.test_fraction)).summary())
+    return 0
+
+
+def cmd_convert_awa2(args: argparse.Namespace) -> int:
+    from eatdist.data.convert import convert_awa2
+
+    print(convert_awa2(args.src, _convert_options(args, args.test_fraction)).summary())
+    return 0
+
+
+def cmd_convert_folder(args: argparse.Namespace) -> int:
+    from eatdist.data.convert import convert_folder
+
+    print(convert_folder(args.src, args.attributes, _convert_options(args, args.test_fraction)).summary())
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from eatdist.data.check import check_corpus
+    from eatdist.data.convert import default_workers
+
+    report = check_corpus(args.root, workers=args.workers or default_workers())
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from eatdist.models.registry import list_backbones, list_timm_models, load_failures
 
@@ -98,6 +174,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: synth.out)")
     _config_args(p)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("convert", help="convert a downloaded dataset (CUB, SUN, AwA2, image folder) into shards")
+    datasets = p.add_subparsers(dest="dataset", required=True, metavar="{cub,sun,awa2,folder}")
+    c = datasets.add_parser("cub", help="CUB-200-2011: SRC is the unpacked CUB_200_2011 folder")
+    _convert_args(c, test_split=False)
+    c.add_argument("--certainty", action="store_true", help="weigh labels by annotator certainty; mask 'not visible'")
+    c.add_argument(
+        "--attr-subset",
+        choices=("all", "common", "112"),
+        default="all",
+        help="common (or 112): attributes present in at least --attr-min-classes classes, by class majority",
+    )
+    c.add_argument("--attr-min-classes", type=int, default=10, metavar="N")
+    c.set_defaults(func=cmd_convert_cub)
+    c = datasets.add_parser("sun", help="SUN Attribute: SRC holds the .mat files and images/")
+    _convert_args(c, test_split=True)
+    c.set_defaults(func=cmd_convert_sun)
+    c = datasets.add_parser("awa2", help="Animals with Attributes 2: SRC is Animals_with_Attributes2/")
+    _convert_args(c, test_split=True)
+    c.set_defaults(func=cmd_convert_awa2)
+    c = datasets.add_parser("folder", help="an image folder tree SRC/<class>/<image> plus an attribute CSV")
+    _convert_args(c, test_split=True)
+    c.add_argument("--attributes", required=True, metavar="CSV", help="attribute values per image or per class")
+    c.set_defaults(func=cmd_convert_folder)
+
+    p = sub.add_parser("check", help="verify every sample of a corpus against dataset.json")
+    p.add_argument("root", metavar="DIR", help="corpus folder (holding dataset.json)")
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="shards checked in parallel (default: the CPU count, at most 8)"
+    )
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("train", help="train an EAT model (under any launcher)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
