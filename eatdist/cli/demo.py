@@ -17,6 +17,7 @@ from eatdist.config import load_config
 from eatdist.data.shards import iter_shard
 from eatdist.data.synth import generate
 from eatdist.errors import EatdistError
+from eatdist.explain.evaluate import evaluate_explanations
 
 
 def _free_port() -> int:
@@ -108,9 +109,14 @@ def run_demo(workdir: str, processes: int, config: str | None, overrides: list[s
     metrics = json.loads((run / "final_metrics.json").read_text())
     summary = json.loads((explained / "explain_summary.json").read_text())
     overlays = _export_overlays(explained, root / "overlays")
+    scores = evaluate_explanations(explained, data)
     print("\n=== eatdist demo summary")
     print(f"test class top-1:        {metrics['test_top1']:.3f}")
     print(f"test attribute accuracy: {metrics['test_attr_acc']:.3f}")
+    print(
+        f"class heatmap on object: {scores['class_map_mass_on_object']:.3f} of its mass inside the box "
+        f"(object area {scores['object_area_fraction']:.3f}); peak inside {scores['class_map_pointing']:.3f}"
+    )
     print(f"model package:           {run / 'model'}")
     print(f"explanation shards:      {explained} ({summary['explained']} images, {summary['undecodable']} undecodable)")
     print(f"overlay images:          {root / 'overlays'}")

@@ -134,6 +134,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from eatdist.explain.evaluate import EVALUATION_FILE, evaluate_explanations
+
+    result = evaluate_explanations(args.explanations, args.data)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:{width}s}  {value}")
+    print(f"(written to {Path(args.explanations) / EVALUATION_FILE})")
+    return 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from eatdist.models.registry import list_backbones, list_timm_models, load_failures
 
@@ -217,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for the explanation shards")
     _config_args(p)
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("evaluate", help="score explanation shards against their corpus (accuracy, maps on objects)")
+    p.add_argument("--explanations", required=True, metavar="DIR", help="output folder of 'eatdist explain'")
+    p.add_argument("--data", required=True, metavar="DIR", help="folder of the input shards (same names)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("backbones", help="list registered backbones and plugin failures")
     p.add_argument("--timm", metavar="PATTERN", help="also list timm models matching PATTERN")
