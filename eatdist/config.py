@@ -103,6 +103,8 @@ class TrainConfig:
     log_every: int = 20
     final_test: bool = True
     compile: bool = False
+    # After training, explain this split with the model package into <output_dir>/explanations.
+    explain_split: str | None = None
     # Each rank writes the keys it trained on per epoch (ranks/keys-*.txt): a data-split audit.
     record_keys: bool = False
 

@@ -53,6 +53,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     try:
         trainer.fit(resume=args.resume)
+        if cfg.train.explain_split:
+            from eatdist.explain.job import run_explain
+
+            run = trainer.run_dir
+            shards = trainer.info.shard_paths(cfg.train.explain_split)
+            summary = run_explain(run / "model", shards, run / "explanations", cfg.explain)
+            if summary is not None:
+                print(f"explained {summary['explained']} {cfg.train.explain_split} images into {run / 'explanations'}")
     finally:
         trainer.close()
     return 0

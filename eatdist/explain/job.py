@@ -38,12 +38,17 @@ REPORTS = "_reports"
 SUMMARY = "explain_summary.json"
 
 
-def resolve_inputs(pattern: str) -> list[str]:
-    """Return the sorted input shard paths: a folder's ``*.tar``, a glob, or one file.
+def resolve_inputs(pattern: str | list[str]) -> list[str]:
+    """Return the sorted input shard paths: a folder's ``*.tar``, a glob, one file, or a list.
 
     Raises:
-        DataError: when nothing matches.
+        DataError: when nothing matches, or a listed file is missing.
     """
+    if isinstance(pattern, list):
+        for p in pattern:
+            if not Path(p).is_file():
+                raise DataError(f"input shard not found: {p}")
+        return sorted(pattern)
     path = Path(pattern)
     if path.is_dir():
         found = sorted(str(p) for p in path.glob("*.tar"))
@@ -241,7 +246,9 @@ def summarise(out_dir: Path, inputs: list[str]) -> dict[str, Any]:
     return summary
 
 
-def run_explain(model_path: str, pattern: str, output: str, cfg: ExplainConfig) -> dict[str, Any] | None:
+def run_explain(
+    model_path: str | Path, pattern: str | list[str], output: str | Path, cfg: ExplainConfig
+) -> dict[str, Any] | None:
     """Explain this rank's share of the input shards; rank 0 returns the job summary.
 
     Raises:

@@ -89,6 +89,8 @@ class Trainer:
         set_seed(cfg.train.seed)
         self.run_dir = Path(cfg.train.output_dir)
         self.info: DatasetInfo = load_dataset_info(cfg.data.root)
+        if cfg.train.explain_split:
+            self.info.shard_paths(cfg.train.explain_split)  # a wrong split fails now, not after training
         model = build_model(
             cfg.model.backbone,
             cfg.model.backbone_args,
