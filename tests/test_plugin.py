@@ -1,6 +1,7 @@
 """The example third-party plugin, installed with pip the way a user installs theirs."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
+    # pip builds in the source folder: build a copy, so the checkout stays clean.
+    source = shutil.copytree(REPO / "plugins" / "eatdist-example-backbone", tmp_path_factory.mktemp("src") / "plugin")
     result = subprocess.run(
         [
             sys.executable,
@@ -26,7 +29,7 @@ def plugin_path(tmp_path_factory):
             "--no-build-isolation",
             "--target",
             str(target),
-            str(REPO / "plugins" / "eatdist-example-backbone"),
+            str(source),
         ],
         capture_output=True,
         text=True,
