@@ -3,6 +3,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import run, write_corpus
 from eatdist.config import ExplainConfig
@@ -25,6 +26,7 @@ def test_box_scores_find_where_the_map_looks():
 
 
 def test_evaluate_scores_an_explanation_job(tmp_path):
+    torch.manual_seed(0)  # an untrained model; some seeds give all-zero class maps, which score nothing
     corpus = write_corpus(tmp_path / "c", {"test": [12, 9]})
     model = build_model("test_resnet", {"output_stride": 16}, corpus.num_classes, corpus.num_attributes)
     meta = PackageMeta(backbone="test_resnet", backbone_args={"output_stride": 16}, classes=corpus.classes,
@@ -44,3 +46,27 @@ def test_evaluate_scores_an_explanation_job(tmp_path):
 
     cli = run([sys.executable, "-m", "eatdist", "evaluate", "--explanations", str(out), "--data", str(corpus.root)])
     assert cli.returncode == 0 and "class_map_mass_on_object" in cli.stdout
+
+
+def test_report_page_shows_overlays_texts_and_scores(tmp_path):
+    import html
+
+    from eatdist.explain.report import write_report
+
+    torch.manual_seed(0)
+
+    corpus = write_corpus(tmp_path / "c", {"test": [7]})
+    model = build_model("test_resnet", {}, corpus.num_classes, corpus.num_attributes)
+    preprocess = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    meta = PackageMeta(backbone="test_resnet", backbone_args={}, classes=["<b>cls</b>", *corpus.classes[1:]],
+                       attributes=corpus.attributes, preprocess=preprocess)  # fmt: skip
+    package = save_package(tmp_path / "model", model.eval(), meta)
+    out = tmp_path / "expl"
+    run_explain(str(package), str(corpus.root), str(out), ExplainConfig())
+    evaluate_explanations(out, corpus.root)
+    page = write_report(out, samples=5).read_text()
+    assert page.count("data:image/jpeg;base64,") == 5
+    texts = [json.loads(s["json"])["text"] for s in iter_shard(out / "test-000000.tar")][:5]
+    assert all(html.escape(t) in page for t in texts)
+    assert "<b>cls</b>" not in page  # names are escaped
+    assert "class_map_mass_on_object" in page and "explained" in page

@@ -153,6 +153,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from eatdist.explain.report import write_report
+
+    print(f"report: {write_report(args.explanations, args.out, args.samples)}")
+    return 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from eatdist.models.registry import list_backbones, list_timm_models, load_failures
 
@@ -241,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explanations", required=True, metavar="DIR", help="output folder of 'eatdist explain'")
     p.add_argument("--data", required=True, metavar="DIR", help="folder of the input shards (same names)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="an HTML page of explanation shards: overlays, texts, scores")
+    p.add_argument("--explanations", required=True, metavar="DIR", help="output folder of 'eatdist explain'")
+    p.add_argument("--out", metavar="FILE", help="page to write (default: DIR/report.html)")
+    p.add_argument("--samples", type=int, default=48, metavar="N", help="explained images shown")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("backbones", help="list registered backbones and plugin failures")
     p.add_argument("--timm", metavar="PATTERN", help="also list timm models matching PATTERN")
