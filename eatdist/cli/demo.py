@@ -18,6 +18,7 @@ from eatdist.data.shards import iter_shard
 from eatdist.data.synth import generate
 from eatdist.errors import EatdistError
 from eatdist.explain.evaluate import evaluate_explanations
+from eatdist.explain.report import write_report
 
 
 def _free_port() -> int:
@@ -110,6 +111,7 @@ def run_demo(workdir: str, processes: int, config: str | None, overrides: list[s
     summary = json.loads((explained / "explain_summary.json").read_text())
     overlays = _export_overlays(explained, root / "overlays")
     scores = evaluate_explanations(explained, data)
+    page = write_report(explained)
     print("\n=== eatdist demo summary")
     print(f"test class top-1:        {metrics['test_top1']:.3f}")
     print(f"test attribute accuracy: {metrics['test_attr_acc']:.3f}")
@@ -120,6 +122,7 @@ def run_demo(workdir: str, processes: int, config: str | None, overrides: list[s
     print(f"model package:           {run / 'model'}")
     print(f"explanation shards:      {explained} ({summary['explained']} images, {summary['undecodable']} undecodable)")
     print(f"overlay images:          {root / 'overlays'}")
+    print(f"report page:             {page}")
     for path, text in overlays[:3]:
         print(f"  {path.name}: {text}")
     print(f"metrics log:             {run / 'metrics.jsonl'} (TensorBoard: {run / 'tensorboard'})")
