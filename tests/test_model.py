@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from eatdist.errors import BackboneError
-from eatdist.models.eat import EATModel, eat_loss, tokens_to_grid
+from eatdist.models.eat import EATModel, eat_loss, linear_weight, tokens_to_grid
 from eatdist.models.registry import create_backbone
 
 
@@ -39,11 +39,17 @@ def test_baseline_still_gives_attribute_head_a_gradient_path():
     out = model(torch.randn(2, 3, 32, 32))
     loss, _ = eat_loss(out, torch.tensor([0, 1]), torch.zeros(2, 4), torch.ones(2, 4), 0.0)
     loss.backward()
-    assert model.attr_head[0].weight.grad is not None  # DDP needs every parameter in the graph
-    assert model.attr_head[0].weight.grad.abs().sum() == 0
+    weight = linear_weight(model.attr_head)
+    assert weight.grad is not None  # DDP needs every parameter in the graph
+    assert weight.grad.abs().sum() == 0
 
 
 def test_tokens_must_form_a_grid():
     with pytest.raises(BackboneError, match="not a square grid"):
         tokens_to_grid(torch.randn(1, 1 + 6, 8), 1, None)
     assert tokens_to_grid(torch.randn(1, 1 + 6, 8), 1, (2, 3)).shape == (1, 8, 2, 3)
+
+
+def test_weights_of_a_model_trained_with_dropout_load_into_the_inference_model():
+    trained = EATModel(create_backbone("test_resnet"), 3, 4, dropout=0.3)
+    EATModel(create_backbone("test_resnet"), 3, 4).load_state_dict(trained.state_dict())

@@ -23,7 +23,9 @@ class EATOutput:
 
 def make_head(in_features: int, out_features: int, hidden: int = 0, dropout: float = 0.0) -> nn.Module:
     """Return a linear head (``hidden == 0``) or a one-hidden-layer MLP head."""
-    layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
+    # The dropout layer is there even at p=0 so that weight names do not depend on it: a package
+    # rebuilt for inference (no dropout) loads the weights of a model trained with dropout.
+    layers: list[nn.Module] = [nn.Dropout(dropout)]
     if hidden > 0:
         layers += [nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, out_features)]
     else:
