@@ -56,5 +56,14 @@ def test_slice_crosses_shard_boundaries():
 
 
 def test_too_small_split_is_a_clear_error():
-    with pytest.raises(DataError, match="fewer than one batch per rank"):
+    with pytest.raises(DataError, match=r"fewer than 1 batch\(es\) per rank"):
         train_steps(10, 2, 8)
+
+
+def test_steps_round_down_to_whole_accumulation_cycles():
+    assert train_steps(237, 2, 8) == 14
+    assert train_steps(237, 2, 8, multiple=4) == 12
+    plans = plan_train(UNEVEN, world=2, rank=1, workers=2, batch_size=8, seed=0, epoch=0, step_multiple=4)
+    assert sum(s.count for p in plans for s in p) == 12 * 8
+    with pytest.raises(DataError, match="grad_accum 16"):
+        train_steps(237, 2, 8, multiple=16)

@@ -178,6 +178,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 500,
         crop_scale_min: float = 1.0,
+        step_multiple: int = 1,
     ) -> None:
         super().__init__()
         self.shards = list(zip(info.shard_paths(split), [s.samples for s in info.shards(split)], strict=True))
@@ -189,7 +190,8 @@ class ShardStream(IterableDataset):
         self.transform = build_transform(preprocess, train, crop_scale_min)
         self.epoch = 0
         # Training steps per epoch, equal on every rank (0 for evaluation, which reads all once).
-        self.steps = train_steps(sum(c for _, c in self.shards), world, batch_size) if train else 0
+        self.step_multiple = step_multiple
+        self.steps = train_steps(sum(c for _, c in self.shards), world, batch_size, step_multiple) if train else 0
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shard order and shuffle of ``epoch`` (call before iterating)."""
@@ -208,6 +210,7 @@ class ShardStream(IterableDataset):
                 batch_size=self.batch_size,
                 seed=self.seed,
                 epoch=self.epoch,
+                step_multiple=self.step_multiple,
             )
         else:
             plans = plan_eval(self.shards, world=self.world, rank=self.rank, workers=workers)

@@ -2,7 +2,8 @@
 
 The shards of a split, in a per-epoch shuffled order, are treated as one sequence of N samples.
 
-Training (equal-steps rule): every rank runs ``steps = (N // world) // batch_size`` steps. Rank
+Training (equal-steps rule): every rank runs ``steps = (N // world) // batch_size`` steps (rounded
+down to a multiple of the gradient-accumulation steps, so epochs end on an update). Rank
 ``r`` owns samples ``[r * (N // world), ...)`` of the sequence and reads the first
 ``steps * batch_size`` of them; the remainder of its share (fewer than one batch per rank, plus
 ``N % world`` at the end) is not read this epoch, and the shard shuffle hands it to a different
@@ -61,17 +62,18 @@ def slice_sequence(shards: list[tuple[str, int]], start: int, stop: int) -> list
     return segments
 
 
-def train_steps(total: int, world: int, batch_size: int) -> int:
+def train_steps(total: int, world: int, batch_size: int, multiple: int = 1) -> int:
     """Return the equal number of steps every rank runs in one epoch.
 
-    Raises:
-        DataError: when the split holds less than one batch per rank.
+    The count is rounded down to a ``multiple`` (the gradient-accumulation steps), so every
+    epoch ends on an optimizer update. Raises:
+        DataError: when the split holds less than that many batches per rank.
     """
-    steps = (total // world) // batch_size
+    steps = (total // world) // batch_size // multiple * multiple
     if steps == 0:
         raise DataError(
-            f"the training split has {total} samples, fewer than one batch per rank "
-            f"({world} ranks x batch_size {batch_size}); lower data.batch_size"
+            f"the training split has {total} samples, fewer than {multiple} batch(es) per rank "
+            f"({world} ranks x batch_size {batch_size} x grad_accum {multiple}); lower data.batch_size"
         )
     return steps
 
@@ -85,6 +87,7 @@ def plan_train(
     batch_size: int,
     seed: int,
     epoch: int,
+    step_multiple: int = 1,
 ) -> list[list[Segment]]:
     """Return, for each worker of ``rank``, the segments it reads in ``epoch``.
 
@@ -92,7 +95,7 @@ def plan_train(
     """
     pairs = [(s.file, s.samples) if isinstance(s, ShardInfo) else s for s in shards]
     total = sum(c for _, c in pairs)
-    steps = train_steps(total, world, batch_size)
+    steps = train_steps(total, world, batch_size, step_multiple)
     order = epoch_order(pairs, seed, epoch)
     start = rank * (total // world)
     plans = []
