@@ -82,6 +82,8 @@ def test_resume_continues_from_latest_checkpoint(tmp_path):
     args = ["train", *TRAIN, "data.num_workers=0", f"data.root={corpus.root}", f"train.output_dir={out}"]
     assert run([sys.executable, "-m", "eatdist", *args, "train.epochs=1"]).returncode == 0
     first = json.loads((out / "checkpoints" / "epoch-0001" / "trainer_state.json").read_text())
+    again = run([sys.executable, "-m", "eatdist", *args, "train.epochs=2"])  # forgot --resume
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr and "--resume" in again.stderr
     result = run([sys.executable, "-m", "eatdist", *args, "train.epochs=2", "train.explain_split=val", "--resume"])
     assert result.returncode == 0
     explained = [s["__key__"] for s in iter_shard(out / "explanations" / "val-000000.tar")]

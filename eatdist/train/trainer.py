@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -69,8 +70,10 @@ def parameter_digest(model: torch.nn.Module) -> str:
 def _validate(cfg: Config) -> None:
     for key, value in (
         ("data.batch_size", cfg.data.batch_size),
+        ("data.shuffle_buffer", cfg.data.shuffle_buffer),
         ("train.epochs", cfg.train.epochs),
         ("train.grad_accum", cfg.train.grad_accum),
+        ("train.log_every", cfg.train.log_every),
     ):
         if value < 1:
             raise ConfigError(f"config key '{key}': must be at least 1, got {value}")
@@ -89,8 +92,12 @@ class Trainer:
         set_seed(cfg.train.seed)
         self.run_dir = Path(cfg.train.output_dir)
         self.info: DatasetInfo = load_dataset_info(cfg.data.root)
-        if cfg.train.explain_split:
-            self.info.shard_paths(cfg.train.explain_split)  # a wrong split fails now, not after training
+        # Wrong split names fail now, not after an epoch of training.
+        for split in (cfg.data.val_split, cfg.train.explain_split):
+            if split:
+                self.info.shard_paths(split)
+        if cfg.data.test_split and cfg.data.test_split not in self.info.splits:
+            log.warning("corpus %s has no split '%s': no final test", self.info.root, cfg.data.test_split)
         model = build_model(
             cfg.model.backbone,
             cfg.model.backbone_args,
@@ -115,6 +122,7 @@ class Trainer:
             cfg.data.train_split,
             train=True,
             shuffle_buffer=cfg.data.shuffle_buffer,
+            step_multiple=cfg.train.grad_accum,
             crop_scale_min=cfg.data.crop_scale_min,
             **stream_args,
         )
@@ -168,9 +176,12 @@ class Trainer:
         """Save an Accelerate checkpoint of the completed epoch and prune old ones."""
         path = self.run_dir / "checkpoints" / f"epoch-{self.epoch:04d}"
         self.accelerator.save_state(str(path))
+        self.accelerator.wait_for_everyone()  # every rank's part is on disk before the marker
         if self.accelerator.is_main_process:
-            # trainer_state.json is written last: a checkpoint without it is incomplete.
-            (path / "trainer_state.json").write_text(json.dumps(self.state_dict()))
+            # trainer_state.json is written last, atomically: a checkpoint without it is incomplete.
+            tmp = path / "trainer_state.json.tmp"
+            tmp.write_text(json.dumps(self.state_dict()))
+            os.replace(tmp, path / "trainer_state.json")
             for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
@@ -340,6 +351,11 @@ class Trainer:
         """Train for the configured epochs (continuing from the latest checkpoint with ``resume``),
         export the model package and return the final metrics."""
         acc, cfg = self.accelerator, self.cfg
+        if not resume and self.checkpoints():
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                "or choose another train.output_dir"
+            )
         if resume and not self.resume():
             acc.print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from scratch")
         acc.print(
@@ -347,6 +363,8 @@ class Trainer:
             f"images, {acc.num_processes} process(es), {self.steps_per_epoch} steps/epoch per process"
         )
         metrics: dict[str, Any] = {}
+        if self.epoch >= cfg.train.epochs:  # resumed a finished run: report its model again
+            metrics = self.evaluate(cfg.data.val_split)
         while self.epoch < cfg.train.epochs:
             metrics = self.train_epoch()
             metrics.update(self.evaluate(cfg.data.val_split))
@@ -382,6 +400,8 @@ class Trainer:
                 cfg.model.backbone, cfg.model.backbone_args, self.info.num_classes, self.info.num_attributes,
                 cfg.model.head_hidden,
             )  # fmt: skip
+            # torch.compile's wrapper prefixes every name with _orig_mod.
+            state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
             meta = PackageMeta(
                 backbone=self.cfg.model.backbone,
