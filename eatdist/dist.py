@@ -51,10 +51,19 @@ def init_process_group(timeout_hours: float = 24.0) -> bool:
     if world_size() <= 1 or not torch.distributed.is_available():
         return False
     if not torch.distributed.is_initialized():
+        if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+            from eatdist.errors import EatdistError
+
+            raise EatdistError(
+                f"{world_size()} processes but no MASTER_ADDR/MASTER_PORT to meet at: start under torchrun, "
+                "accelerate launch or launch/slurm.sh"
+            )
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(device())
-        torch.distributed.init_process_group(backend, timeout=timedelta(hours=timeout_hours))
+        torch.distributed.init_process_group(
+            backend, rank=rank(), world_size=world_size(), timeout=timedelta(hours=timeout_hours)
+        )
     return True
 
 

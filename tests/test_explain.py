@@ -128,3 +128,26 @@ def test_killed_explain_rerun_explains_every_key_exactly_once(tmp_path, package)
     assert set(counts) == set(keys_of(sorted(corpus.root.glob("*.tar")))) and set(counts.values()) == {1}
     assert not list(out.glob(".*.tmp"))
     assert json.loads((out / "explain_summary.json").read_text())["explained"] == 320
+
+
+def test_unreadable_shard_is_reported_and_the_others_explained(tmp_path, package):
+    corpus = write_corpus(tmp_path / "c", {"test": [6, 6]})
+    (corpus.root / "test-000001.tar").write_bytes(b"this is not a tar archive" * 40)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "eatdist", "explain", "--model", str(package), "--input", str(corpus.root),
+           "--output", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, env=cpu_env(), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "1 shard(s) not explained" in result.stderr and "test-000001.tar" in result.stderr
+    assert len(keys_of([out / "test-000000.tar"])) == 6 and not (out / "test-000001.tar").exists()
+    summary = json.loads((out / "explain_summary.json").read_text())
+    assert summary["incomplete_shards"] == [str(corpus.root / "test-000001.tar")]
+
+
+def test_two_inputs_with_one_name_are_refused(tmp_path):
+    from eatdist.errors import DataError
+
+    for folder in ("a", "b"):
+        write_corpus(tmp_path / folder, {"test": [2]})
+    with pytest.raises(DataError, match="have the same name"):
+        resolve_inputs(str(tmp_path / "*" / "test-000000.tar"))

@@ -75,11 +75,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         summary = run_explain(args.model, args.input, args.output, cfg.explain)
     finally:
         dist.destroy_process_group()
-    if summary is not None:
-        print(
-            f"explained {summary['explained']} images from {summary['input_shards']} shards into {summary['output']}"
-            f"; {summary['undecodable']} undecodable (listed in {summary['output']}/explain_summary.json)"
-        )
+    if summary is None:
+        return 0
+    print(
+        f"explained {summary['explained']} images from {summary['input_shards']} shards into {summary['output']}"
+        f"; {summary['undecodable']} undecodable (listed in {summary['output']}/explain_summary.json)"
+    )
+    if summary["incomplete_shards"]:
+        print(f"eatdist: error: {len(summary['incomplete_shards'])} shard(s) not explained (see the log); "
+              "a rerun retries only those", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

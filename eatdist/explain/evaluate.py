@@ -100,7 +100,7 @@ def evaluate_explanations(explanations: str | Path, data: str | Path) -> dict[st
         truth = _truth(data_dir, shard.name)
         for sample in iter_shard(shard):
             record = truth.get(sample["__key__"])
-            if record is None or "class" not in record:
+            if record is None or "class" not in record or "heatmaps.npy" not in sample:
                 t.unmatched += 1
                 continue
             pred = json.loads(sample["json"])

@@ -26,7 +26,7 @@ from eatdist.config import ExplainConfig
 from eatdist.data.corpus import DATASET_FILE
 from eatdist.data.pipeline import BadSample, Preprocess, build_transform, decode_image
 from eatdist.data.shards import AtomicShardWriter, iter_shard
-from eatdist.errors import DataError
+from eatdist.errors import ConfigError, DataError
 from eatdist.explain.cam import explanation_maps, normalise_maps
 from eatdist.explain.overlay import overlay
 from eatdist.explain.text import attribute_contributions, explanation_text
@@ -48,14 +48,19 @@ def resolve_inputs(pattern: str | list[str]) -> list[str]:
         for p in pattern:
             if not Path(p).is_file():
                 raise DataError(f"input shard not found: {p}")
-        return sorted(pattern)
-    path = Path(pattern)
-    if path.is_dir():
-        found = sorted(str(p) for p in path.glob("*.tar"))
+        found = sorted(set(pattern))
+    elif Path(pattern).is_dir():
+        found = sorted(str(p) for p in Path(pattern).glob("*.tar"))
     else:
         found = sorted(glob.glob(pattern))
     if not found:
         raise DataError(f"no input shards match '{pattern}'")
+    # One output shard per input name: two inputs of the same name would overwrite each other.
+    names: dict[str, str] = {}
+    for p in found:
+        if Path(p).name in names:
+            raise DataError(f"input shards {names[Path(p).name]} and {p} have the same name; explain them apart")
+        names[Path(p).name] = p
     return found
 
 
@@ -87,6 +92,9 @@ class Explainer:
             if meta.class_attributes is not None
             else None
         )
+        for key, value in (("explain.batch_size", cfg.batch_size), ("explain.top_k", cfg.top_k)):
+            if value < (1 if key == "explain.batch_size" else 0):
+                raise ConfigError(f"config key '{key}': must be positive, got {value}")
         self.top_k = min(cfg.top_k, len(meta.attributes))
 
     @torch.no_grad()
@@ -268,7 +276,10 @@ def run_explain(
         log.info("rank %d: %d of %d shards already explained, skipping them", rank, len(mine) - len(todo), len(mine))
     bar = tqdm(total=_planned_samples(todo), desc="explain", unit="img", disable=rank != 0, dynamic_ncols=True)
     for path in todo:
-        explain_shard(explainer, path, out_dir, bar, rank)
+        try:
+            explain_shard(explainer, path, out_dir, bar, rank)
+        except DataError as exc:  # an unreadable shard: report it, explain the others, rerun later
+            log.error("rank %d: shard %s not explained: %s", rank, path, exc)
     bar.close()
     if joined:
         torch.distributed.barrier()
