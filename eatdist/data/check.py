@@ -2,8 +2,10 @@
 
 Checks that every image decodes, every ``json`` has a class in range and attributes (and
 ``attr_mask``) of the length ``dataset.json`` names, optional geometry is well formed, keys
-follow the contract and are unique, and every shard holds the sample count ``dataset.json``
-plans with.
+follow the contract and are unique (a dot in a key is named as such: WebDataset splits keys at
+the first dot, merging ``img.001`` and ``img.002``), and every shard holds the sample count
+``dataset.json`` plans with. The corpus may be remote (:mod:`eatdist.data.remote`); each local
+shard leaves with its index (:mod:`eatdist.data.shardindex`), ready to be uploaded beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from tqdm import tqdm
 
 from eatdist.data.corpus import DATASET_FILE, IMAGE_EXTENSIONS, load_dataset_info
 from eatdist.data.pipeline import BadSample, decode_image, parse_labels
+from eatdist.data.remote import is_remote, name_of
+from eatdist.data.shardindex import load_index
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
 
@@ -51,7 +55,7 @@ class ShardCheck:
 class CheckReport:
     """The outcome of :func:`check_corpus`."""
 
-    root: Path
+    root: str | Path
     num_classes: int
     num_attributes: int
     shards: list[ShardCheck]
@@ -122,10 +126,31 @@ def geometry_problems(record: dict[str, Any], num_attributes: int) -> list[str]:
     return problems
 
 
+def dotted_members(sample: dict[str, Any]) -> list[str]:
+    """Return the member names of a sample that WebDataset read from keys with a dot.
+
+    ``img.001.jpg`` reads as key ``img`` with extension ``001.jpg``: an extension whose last part
+    is an image or ``json`` but which has more parts before it gives it away.
+    """
+    known = (*IMAGE_EXTENSIONS, "json")
+    return [
+        f"{sample.get('__key__', '')}.{ext}"
+        for ext in sample
+        if not ext.startswith("__") and "." in ext and ext.rsplit(".", 1)[1] in known and ext not in known
+    ]
+
+
 def sample_problems(sample: dict[str, Any], num_classes: int, num_attributes: int) -> list[str]:
     """Return what is wrong with one raw sample (empty when it is fine)."""
-    problems = []
     key = sample.get("__key__", "")
+    dotted = dotted_members(sample)
+    if dotted:
+        # Said plainly: otherwise the merged sample only shows as "no json" / "no image".
+        return [
+            f"keys with a dot: members {', '.join(dotted[:4])} are read as one sample '{key}' "
+            "(WebDataset splits keys at the first dot); rename the keys without dots"
+        ]
+    problems = []
     if not KEY_PATTERN.match(key):
         problems.append("key has characters other than letters, digits, _ - /")
     images = [e for e in IMAGE_EXTENSIONS if e in sample]
@@ -149,8 +174,10 @@ def sample_problems(sample: dict[str, Any], num_classes: int, num_attributes: in
 def check_shard(job: tuple[str, str, int, int, int]) -> ShardCheck:
     """Read one shard (split, path, listed count, classes, attributes) and return its check."""
     split, path, listed, num_classes, num_attributes = job
-    result = ShardCheck(split, Path(path).name, listed)
+    result = ShardCheck(split, name_of(path), listed)
     try:
+        if not is_remote(path):
+            load_index(path)  # built and cached when missing: the shard is ready to upload with it
         for sample in iter_shard(path):
             result.found += 1
             result.keys.append(sample["__key__"])
@@ -170,20 +197,22 @@ def check_corpus(root: str | Path, workers: int = 1, progress: bool = True) -> C
         DataError: when ``dataset.json`` is missing or malformed.
     """
     info = load_dataset_info(root)
-    report = CheckReport(info.root, info.num_classes, info.num_attributes, [])
+    report = CheckReport(info.source.removesuffix(f"/{DATASET_FILE}"), info.num_classes, info.num_attributes, [])
     for group, indices in info.attribute_groups.items():
         if any(not 0 <= i < info.num_attributes for i in indices):
             report.problems.append(f"{DATASET_FILE}: attribute group '{group}' has indices out of range")
     jobs = []
     for split, shards in info.splits.items():
         for shard in shards:
-            path = info.root / shard.file
-            if path.is_file():
-                jobs.append((split, str(path), shard.samples, info.num_classes, info.num_attributes))
+            path = info.location(shard.file)
+            # A remote shard is not probed first: reading it names it when it is missing.
+            if is_remote(path) or Path(path).is_file():
+                jobs.append((split, path, shard.samples, info.num_classes, info.num_attributes))
             else:
                 report.problems.append(f"shard file not found: {shard.file} (listed in {DATASET_FILE})")
-    listed = {Path(j[1]).name for j in jobs}
-    unlisted = sorted(p.name for p in info.root.glob("*.tar") if p.name not in listed)
+    listed = {name_of(j[1]) for j in jobs}
+    local_root = None if is_remote(str(info.root)) else Path(info.root)
+    unlisted = sorted(p.name for p in local_root.glob("*.tar") if p.name not in listed) if local_root else []
     if unlisted:
         report.notes.append(f"{len(unlisted)} tar files not in {DATASET_FILE} (ignored): {', '.join(unlisted[:5])}")
 
