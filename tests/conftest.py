@@ -87,6 +87,13 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> DatasetInfo:
     return write_corpus(tmp_path_factory.mktemp("tiny"), {"train": [160, 96, 64], "val": [50, 30], "test": [40]})
 
 
+def latest_state(run_dir: Path) -> dict:
+    """The trainer state of a run's newest complete checkpoint."""
+    found = sorted((run_dir / "checkpoints").glob("step-*/trainer_state.json"))
+    assert found, f"no complete checkpoint in {run_dir}"
+    return json.loads(found[-1].read_text())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO, cpu_env, free_port, run, write_corpus
+from conftest import REPO, cpu_env, free_port, latest_state, run, write_corpus
 from eatdist.data.shards import iter_shard
 from eatdist.models.package import load_package
 from eatdist.train.trainer import parameter_digest
@@ -72,11 +72,11 @@ def test_zero2_trains_equal_ranks_and_resumes(tmp_path, corpus, no_deepspeed):
     args = ["train", *TRAIN, f"data.root={corpus.root}", f"train.output_dir={out}"]
     assert run(accelerate("zero2.yaml", [*args, "train.epochs=1"]), env=ds_env(), timeout=400).returncode == 0
     assert [r["zero_stage"] for r in rank_reports(out)] == [2, 2]
-    first = json.loads((out / "checkpoints" / "epoch-0001" / "trainer_state.json").read_text())
+    first = latest_state(out)
     result = run(accelerate("zero2.yaml", [*args, "train.epochs=2", "--resume"]), env=ds_env(), timeout=400)
     assert result.returncode == 0
     assert [e["epoch"] for e in epochs_of(out)] == [1, 2]  # resumed: epoch 1 not repeated
-    second = json.loads((out / "checkpoints" / "epoch-0002" / "trainer_state.json").read_text())
+    second = latest_state(out)
     assert second["global_step"] == 2 * first["global_step"]
     check_package_and_explain(out, corpus, no_deepspeed, tmp_path)
 

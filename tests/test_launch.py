@@ -83,3 +83,38 @@ def test_readme_rows_name_existing_files():
     text = (LAUNCH / "README.md").read_text()
     for name in [p.name for p in LAUNCH.iterdir() if p.name != "README.md"]:
         assert name in text, f"launch/README.md does not mention {name}"
+
+
+def test_slurm_script_forwards_preemption_and_requeues(tmp_path):
+    """The batch script gets SIGUSR1 (SLURM's --signal): the rank under srun and the launcher gets
+    it, stops with code 75, and the job is requeued; a requeued train run adds --resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "log"
+    # srun runs the per-node script in place (one node); scontrol records what it is asked.
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\n[ "$1" = show ] && echo node0 && exit 0\necho "$@" >> {log}\n')
+    # the "launcher" starts one rank that saves and exits 75 on SIGUSR1, as eatdist train does
+    rank = "import signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))\ntime.sleep(60)\n"
+    (bin_dir / "accelerate").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n{sys.executable} -c '{rank}'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "node0", "SLURM_GPUS_ON_NODE": "1"}  # fmt: skip
+    proc = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sh"), "train", "x=1"], env=env, cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 30
+    while not (log.is_file() and "launch" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the rank is up
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75 and "requeueing job 77" in err
+    assert "requeue 77" in log.read_text()
+    line = dry_run("slurm.sh", {**env, "EATDIST_ON_NODE": "1", "SLURM_RESTART_COUNT": "1"}, "train", "x=1")
+    assert line.split()[-3:] == ["train", "x=1", "--resume"]

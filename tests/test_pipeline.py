@@ -83,3 +83,17 @@ def test_missing_shard_named(tmp_path):
 def test_unknown_split_named(tiny_corpus):
     with pytest.raises(DataError, match="no split 'tarin'.*did you mean: train"):
         stream(tiny_corpus, "tarin", True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_stream_continues_the_same_batches(tiny_corpus, workers):
+    def batches(start_step):
+        s = stream(tiny_corpus, "train", True, workers=workers, batch=8)
+        s.set_epoch(1, start_step=start_step)
+        return list(make_loader(s, workers))
+
+    whole, resumed = batches(0), batches(13)
+    assert len(whole) == 13 + len(resumed)
+    for a, b in zip(whole[13:], resumed, strict=True):
+        assert a["keys"] == b["keys"]
+        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)  # augmentation seeded per sample

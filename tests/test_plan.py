@@ -67,3 +67,45 @@ def test_steps_round_down_to_whole_accumulation_cycles():
     assert sum(s.count for p in plans for s in p) == 12 * 8
     with pytest.raises(DataError, match="grad_accum 16"):
         train_steps(237, 2, 8, multiple=16)
+
+
+def read_positions(intervals, phase, steps, seed, epoch, index):
+    from eatdist.data.plan import consumed
+
+    return consumed(intervals, phase, steps, seed, epoch, index)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3), (3, 2)])
+@pytest.mark.parametrize("stop_at", [1, 5, 9])
+def test_elastic_phases_never_read_a_sample_twice(before, after, stop_at):
+    from eatdist.data.plan import Phase, plan_epoch
+
+    first = Phase(world=before, workers=2, batch_size=4, shuffle_block=7)
+    plan0 = plan_epoch(UNEVEN, seed=3, epoch=1, phases=[], current=first)
+    done = min(stop_at, plan0.steps - 1)
+    read = read_positions(plan0.intervals, first, done, 3, 1, 0)
+    second = Phase(world=after, workers=3, batch_size=4, shuffle_block=5)
+    finished = [Phase(**{**first.to_json(), "steps_done": done})]
+    plan1 = plan_epoch(UNEVEN, seed=3, epoch=1, phases=finished, current=second)
+    assert sum(hi - lo for lo, hi in plan1.intervals) == 237 - len(read)
+    read += read_positions(plan1.intervals, second, plan1.steps, 3, 1, 1)
+    assert len(read) == len(set(read))  # no sample twice in the epoch
+    # what is left unread is the second phase's remainder only: < one batch per rank + M % world
+    assert 237 - len(read) < after * 4 + after
+
+
+def test_consumed_matches_what_the_workers_read():
+    from eatdist.data.plan import Phase, block_order, consumed, delivered, plan_epoch, positions, take
+
+    phase = Phase(world=2, workers=2, batch_size=3, shuffle_block=5)
+    plan = plan_epoch(UNEVEN, seed=0, epoch=0, phases=[], current=phase)
+    read = []
+    for rank in range(2):
+        for role in range(2):
+            run = list(positions(plan.role_run(rank, role)))
+            order = []
+            for b in range(0, len(run), 5):
+                order += block_order(run[b : b + 5], (0, 0, 0, rank, role, b // 5))
+            read += order[: delivered(phase, role, 7)]
+    assert sorted(read) == sorted(consumed(plan.intervals, phase, 7, 0, 0, 0))
+    assert take([(0, 5), (10, 20)], 3, 9) == [(3, 5), (10, 14)]

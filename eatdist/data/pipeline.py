@@ -1,8 +1,9 @@
 """Streaming training and evaluation data from the shards of a corpus.
 
-Each DataLoader worker reads the segments :mod:`eatdist.data.plan` gives it, decodes and checks
+Each DataLoader worker reads the samples :mod:`eatdist.data.plan` gives it, decodes and checks
 every sample, and batches in the worker. A corrupt sample is skipped and counted; the count
 travels with the next batch (``batch["skipped"]``) so the trainer can report an exact total.
+In training it keeps its place in the batch with ``weight`` 0 (see :class:`ShardStream`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from eatdist.data.corpus import IMAGE_EXTENSIONS, DatasetInfo
-from eatdist.data.plan import Segment, plan_eval, plan_train, train_steps
+from eatdist.data.plan import (
+    EpochPlan,
+    Phase,
+    Segment,
+    block_order,
+    delivered,
+    interval_count,
+    plan_epoch,
+    plan_eval,
+    take,
+)
+from eatdist.data.remote import redact
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
 
@@ -116,20 +127,16 @@ def parse_labels(sample: dict[str, Any], num_classes: int, num_attributes: int) 
 
 @dataclass
 class SkipTally:
-    """Corrupt samples one worker met this epoch; each is counted once, even when re-read."""
+    """Unusable samples one worker met: counted as they are met, the first few logged."""
 
     pending: int = 0
     logged: int = 0
-    seen: set[str] = field(default_factory=set)
 
     def skip(self, what: str, reason: str, count: int = 1) -> None:
-        if what in self.seen:
-            return
-        self.seen.add(what)
         self.pending += count
         if self.logged < MAX_LOGGED_PER_WORKER:
             self.logged += 1
-            log.warning("skipping %s: %s", what, reason)
+            log.warning("skipping %s: %s", redact(what), redact(reason))
 
     def take(self) -> int:
         """Return the skips not yet reported and reset them."""
@@ -137,31 +144,55 @@ class SkipTally:
         return count
 
 
-def read_segments(segments: list[Segment], tally: SkipTally) -> Iterator[dict[str, Any]]:
+def read_segments(segments: list[Segment], tally: SkipTally, retries: int | None = None) -> Iterator[dict[str, Any]]:
     """Yield the raw samples of ``segments``; a shard that ends early counts its lost samples."""
-    for seg in segments:
-        position = 0
+    for _, sample in read_positions([(0, seg) for seg in segments], tally, retries):
+        if sample is not None:
+            yield sample
+
+
+def read_positions(
+    segments: list[tuple[int, Segment]], tally: SkipTally | None, retries: int | None = None
+) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """Yield ``(position, raw sample)`` for every planned sample of ``segments``, in order.
+
+    A sample that cannot be read (a missing, unreadable or short shard) comes as ``None``, so
+    the caller keeps its place in the plan; its shard is logged once.
+    """
+    for first, seg in segments:
+        count = 0
+        reason = ""
         try:
-            for sample in iter_shard(seg.path):
-                if position >= seg.stop:
+            for sample in iter_shard(seg.path, seg.start, seg.stop, retries=retries):
+                sample["__shard__"] = seg.path
+                yield first + count, sample
+                count += 1
+                if count == seg.count:
                     break
-                if position >= seg.start:
-                    sample["__shard__"] = seg.path
-                    yield sample
-                position += 1
         except DataError as exc:
-            log.warning("%s", exc)
-        if position < seg.stop:
-            missing = seg.stop - max(position, seg.start)
-            tally.skip(f"{missing} samples of {seg.path}", f"the shard ended after {position} samples", missing)
+            reason = str(exc)
+        if count < seg.count:
+            missing = seg.count - count
+            if tally is not None:
+                tally.skip(f"{missing} samples of {seg.path}", reason or f"the shard ended after {seg.start + count}")
+            for i in range(count, seg.count):
+                yield first + i, None
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of one sample's random augmentation: the same whoever reads it, whenever."""
+    return (seed * 1_000_003 + epoch) * 2**32 + position & (2**63 - 1)
 
 
 class ShardStream(IterableDataset):
     """Batches of decoded, checked samples for one rank, planned by :mod:`eatdist.data.plan`.
 
-    In ``train`` mode every worker yields exactly its planned number of full batches: if corrupt
-    samples leave it short, it reads its segments again (with a new shuffle) to fill the gap, so
-    every rank still runs the same number of steps.
+    In ``train`` mode every worker yields exactly its planned number of full batches. A sample
+    that cannot be used (corrupt, or its shard unreadable) keeps its place in the batch as a
+    copy of another sample of the batch with ``weight`` 0, so the loss ignores it, every rank
+    runs the same steps and no sample is read twice in an epoch. ``set_epoch`` can resume a
+    phase at any step: consumed samples are passed over unread where whole blocks went before,
+    and undecoded inside the block in progress.
     """
 
     def __init__(
@@ -179,141 +210,149 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 500,
         crop_scale_min: float = 1.0,
         step_multiple: int = 1,
+        retries: int | None = None,
     ) -> None:
         super().__init__()
         self.shards = list(zip(info.shard_paths(split), [s.samples for s in info.shards(split)], strict=True))
         self.split = split
         self.num_classes, self.num_attributes = info.num_classes, info.num_attributes
+        self.image_size = preprocess.image_size
         self.batch_size, self.train = batch_size, train
         self.rank, self.world, self.workers = rank, world, max(1, num_workers)
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.seed, self.retries = seed, retries
         self.transform = build_transform(preprocess, train, crop_scale_min)
-        self.epoch = 0
-        # Training steps per epoch, equal on every rank (0 for evaluation, which reads all once).
-        self.step_multiple = step_multiple
-        self.steps = train_steps(sum(c for _, c in self.shards), world, batch_size, step_multiple) if train else 0
+        self.phase = Phase(world, self.workers, batch_size, step_multiple, max(1, shuffle_buffer))
+        self.epoch, self.phases, self.start_step = 0, [], 0
+        self.plan: EpochPlan | None = None
+        # Training steps of the current phase, equal on every rank (0 for evaluation).
+        self.steps = self.set_epoch(0) if train else 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the shard order and shuffle of ``epoch`` (call before iterating)."""
-        self.epoch = epoch
-
-    def _worker_plan(self) -> tuple[int, list[Segment]]:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        workers = self.workers if info is not None else 1
+    def set_epoch(self, epoch: int, phases: list[Phase] | None = None, start_step: int = 0) -> int:
+        """Plan ``epoch`` after its finished ``phases``, resuming at ``start_step``; return the phase's steps."""
+        self.epoch, self.phases, self.start_step = epoch, list(phases or []), start_step
         if self.train:
-            plans = plan_train(
-                self.shards,
-                world=self.world,
-                rank=self.rank,
-                workers=workers,
-                batch_size=self.batch_size,
-                seed=self.seed,
-                epoch=self.epoch,
-                step_multiple=self.step_multiple,
-            )
-        else:
-            plans = plan_eval(self.shards, world=self.world, rank=self.rank, workers=workers)
-        return worker, plans[worker]
+            self.plan = plan_epoch(self.shards, seed=self.seed, epoch=epoch, phases=self.phases, current=self.phase)
+            self.steps = self.plan.steps
+        return self.steps
 
-    def _decoded(self, raw: Iterator[dict[str, Any]], tally: SkipTally) -> Iterator[dict[str, Any]]:
-        for sample in raw:
-            try:
-                label, attrs, mask = parse_labels(sample, self.num_classes, self.num_attributes)
-                image = decode_image(sample)
-            except BadSample as exc:
-                tally.skip(f"sample {sample.get('__key__')} in {sample.get('__shard__')}", str(exc))
-                continue
-            tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-            yield {
-                "key": sample["__key__"],
-                "image": self.transform(tensor),
-                "label": label,
-                "attributes": attrs,
-                "attr_mask": mask,
-            }
-
-    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
-        buffer: list[dict[str, Any]] = []
-        for sample in samples:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _collate(self, items: list[dict[str, Any]], tally: SkipTally) -> dict[str, Any]:
-        batch = {
-            "keys": [it["key"] for it in items],
-            "image": torch.stack([it["image"] for it in items]),
-            "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
-            "attributes": torch.tensor([it["attributes"] for it in items], dtype=torch.float32),
-            "attr_mask": torch.tensor([it["attr_mask"] for it in items], dtype=torch.float32),
-            "skipped": tally.take(),
+    def _decode(self, position: int, sample: dict[str, Any] | None, tally: SkipTally) -> dict[str, Any] | None:
+        if sample is None:
+            return None
+        try:
+            label, attrs, mask = parse_labels(sample, self.num_classes, self.num_attributes)
+            image = decode_image(sample)
+        except BadSample as exc:
+            tally.skip(f"sample {sample.get('__key__')} in {sample.get('__shard__')}", str(exc))
+            return None
+        tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        if self.train:  # augmentation drawn from the sample's own seed: resumable, order-free
+            torch.manual_seed(sample_seed(self.seed, self.epoch, position))
+        return {
+            "key": sample["__key__"],
+            "image": self.transform(tensor),
+            "label": label,
+            "attributes": attrs,
+            "attr_mask": mask,
         }
-        return batch
+
+    def _role_items(self, role: int, first_block: int, tally: SkipTally) -> Iterator[tuple[int, Any]]:
+        """Yield ``(position, raw sample or None)`` of role ``role`` from block ``first_block`` on, shuffled."""
+        assert self.plan is not None
+        block_size = self.phase.shuffle_block
+        run = self.plan.role_run(self.rank, role)
+        run = take(run, first_block * block_size, interval_count(run))
+        block: list[tuple[int, Any]] = []
+        index = first_block
+
+        def shuffled() -> Iterator[tuple[int, Any]]:
+            by_position = dict(block)
+            key = (self.seed, self.epoch, self.plan.index, self.rank, role, index)  # type: ignore[union-attr]
+            for position in block_order([p for p, _ in block], key):
+                yield position, by_position[position]
+
+        for item in read_positions(self.plan.segments(run), tally, self.retries):
+            block.append(item)
+            if len(block) == block_size:
+                yield from shuffled()
+                block, index = [], index + 1
+        if block:
+            yield from shuffled()
+
+    def _role_batches(self, role: int) -> Iterator[dict[str, Any]]:
+        """Yield the batches role ``role`` still owes in the current phase."""
+        tally = SkipTally()
+        done = delivered(self.phase, role, self.start_step)
+        quota = delivered(self.phase, role, self.steps) - done
+        first_block = done // self.phase.shuffle_block
+        skip = done - first_block * self.phase.shuffle_block
+        items: list[dict[str, Any] | None] = []
+        for n, (position, sample) in enumerate(self._role_items(role, first_block, tally)):
+            if n < skip:  # read before the interruption: never decoded again
+                continue
+            items.append(self._decode(position, sample, tally))
+            if len(items) == self.batch_size:
+                yield self._collate(items, tally)
+                items = []
+            if n - skip + 1 == quota:
+                return
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, segments = self._worker_plan()
-        tally = SkipTally()
-        if not self.train:
-            items: list[dict[str, Any]] = []
-            for item in self._decoded(read_segments(segments, tally), tally):
-                items.append(item)
-                if len(items) == self.batch_size:
-                    yield self._collate(items, tally)
-                    items = []
-            if items or tally.pending:
-                yield self._collate(items, tally) if items else self._empty_batch(tally)
+        info = get_worker_info()
+        if self.train:
+            if info is not None:
+                # DataLoader worker i serves batches i, i + workers, ... from the resume step on.
+                yield from self._role_batches((info.id + self.start_step) % self.workers)
+                return
+            roles = [self._role_batches(r) for r in range(self.workers)]
+            for step in range(self.start_step, self.steps):
+                yield next(roles[step % self.workers])
             return
-        quota = sum(s.count for s in segments)
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        items = []
-        delivered, passes = 0, 0
-        while delivered < quota:
-            before = delivered
-            stream = self._shuffled(self._decoded(read_segments(segments, tally), tally), rng)
-            for item in stream:
-                items.append(item)
-                delivered += 1
-                if len(items) == self.batch_size:
-                    yield self._collate(items, tally)
-                    items = []
-                if delivered == quota:
-                    break
-            passes += 1
-            if delivered == before:
-                raise DataError(f"no usable sample in {[s.path for s in segments]} (every sample is corrupt)")
-            if delivered < quota and passes == 1:
-                log.warning(
-                    "worker %d of rank %d re-reads its share to replace %d skipped samples",
-                    worker,
-                    self.rank,
-                    quota - delivered,
-                )
+        worker = info.id if info is not None else 0
+        workers = self.workers if info is not None else 1
+        segments = plan_eval(self.shards, world=self.world, rank=self.rank, workers=workers)[worker]
+        tally = SkipTally()
+        batch: list[dict[str, Any] | None] = []
+        for sample in read_segments(segments, tally, self.retries):
+            item = self._decode(0, sample, tally)
+            if item is None:
+                continue
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, tally)
+                batch = []
+        if batch or tally.pending:
+            yield self._collate(batch, tally)
 
-    def _empty_batch(self, tally: SkipTally) -> dict[str, Any]:
-        size = self.transform.transforms[0].size
-        batch = {
-            "keys": [],
-            "image": torch.zeros(0, 3, *size),
-            "label": torch.zeros(0, dtype=torch.long),
-            "attributes": torch.zeros(0, self.num_attributes),
-            "attr_mask": torch.zeros(0, self.num_attributes),
+    def _collate(self, items: list[dict[str, Any] | None], tally: SkipTally) -> dict[str, Any]:
+        """Stack ``items``; an unusable one (``None``) is a zero-weight copy of a usable one."""
+        valid = [it for it in items if it is not None]
+        size, zeros = self.image_size, [0.0] * self.num_attributes
+        filler = valid[0] if valid else {"image": torch.zeros(3, size, size), "label": 0, "attributes": zeros}
+        filled = [it if it is not None else filler for it in items]
+        images = [it["image"] for it in filled]
+        return {
+            "keys": [it["key"] for it in valid],
+            "image": torch.stack(images) if images else torch.zeros(0, 3, size, size),
+            "label": torch.tensor([it["label"] for it in filled], dtype=torch.long),
+            "attributes": torch.tensor([it["attributes"] for it in filled], dtype=torch.float32).view(-1, len(zeros)),
+            "attr_mask": torch.tensor([it["attr_mask"] if it else zeros for it in items]).view(-1, len(zeros)),
+            "weight": torch.tensor([1.0 if it is not None else 0.0 for it in items]),
             "skipped": tally.take(),
         }
-        return batch
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
-    """Wrap a stream in a DataLoader that batches in its workers (``batch_size=None``)."""
+    """Wrap a stream in a DataLoader that batches in its workers (``batch_size=None``).
+
+    The loader draws its worker seeds from a generator of its own, not from the global RNG, so
+    starting a loader mid-epoch (a resume) leaves the training RNG where an uninterrupted run
+    has it; augmentation is seeded per sample anyway.
+    """
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(stream.seed),
     )

@@ -120,14 +120,22 @@ def eat_loss(
     attr_mask: torch.Tensor,
     attr_weight: float,
     attr_loss: str = "bce",
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Return (total loss, parts): cross-entropy + ``attr_weight`` × attribute loss.
 
     The attribute loss is BCE-with-logits on per-image labels (``"bce"``) or the squared error of
     the sigmoid against class-level strengths (``"mse"``), averaged over annotated entries only.
-    ``attr_weight == 0`` is the plain classifier baseline.
+    ``attr_weight == 0`` is the plain classifier baseline. ``weight`` (1 per image, 0 for a
+    stand-in of an unusable sample) leaves images out of both averages; a batch of stand-ins only
+    gives a zero loss (and zero gradients), so its rank still joins the step.
     """
-    ce = F.cross_entropy(out.class_logits.float(), labels)
+    if weight is None:
+        ce = F.cross_entropy(out.class_logits.float(), labels)
+    else:
+        per_image = F.cross_entropy(out.class_logits.float(), labels, reduction="none")
+        ce = (per_image * weight).sum() / weight.sum().clamp(min=1.0)
+        attr_mask = attr_mask * weight[:, None]
     logits = out.attr_logits.float()
     if attr_loss == "bce":
         per_entry = F.binary_cross_entropy_with_logits(logits, attributes, reduction="none")

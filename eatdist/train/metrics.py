@@ -3,26 +3,47 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 
-class MetricsLogger:
-    """Append records to ``metrics.jsonl`` and scalars to TensorBoard under ``run_dir``."""
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):  # a line cut by a kill: drop it
+        return float("inf")
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
+
+class MetricsLogger:
+    """Append records to ``metrics.jsonl`` and scalars to TensorBoard under ``run_dir``.
+
+    A resumed run opens the logs with ``resume_step``, the global step of its checkpoint: the
+    records a killed run wrote after that step are dropped (they are about to be run again), so
+    the logs hold every step once.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None) -> None:
         self.enabled = enabled
         self._file = None
         self._tb = None
         if enabled:
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            path = run_dir / "metrics.jsonl"
+            if resume_step is not None and path.is_file():
+                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
+            self._file = open(path, "a", buffering=1)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step makes TensorBoard drop the events a killed run logged past the checkpoint.
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
                 self._tb = None
 

@@ -10,8 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +23,14 @@ from eatdist import dist
 from eatdist.config import Config, save_config
 from eatdist.data.corpus import DatasetInfo, load_dataset_info
 from eatdist.data.pipeline import ShardStream, make_loader
+from eatdist.data.plan import Phase
+from eatdist.data.remote import redact
 from eatdist.errors import ConfigError
 from eatdist.models.eat import EATModel, eat_loss
 from eatdist.models.package import PackageMeta, backbone_preprocess, build_model, save_package
+from eatdist.train.checkpoint import CheckpointStore
 from eatdist.train.metrics import MetricsLogger
+from eatdist.train.preempt import EXIT_PREEMPTED, PreemptionWatch
 from eatdist.train.scale import (
     apply_model_options,
     configure_deepspeed,
@@ -40,8 +42,6 @@ from eatdist.train.scale import (
 from eatdist.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
-CHECKPOINT_RE = re.compile(r"^epoch-(\d+)$")
-KEEP_CHECKPOINTS = 2
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -79,6 +79,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': must be at least 1, got {value}")
     if cfg.data.num_workers < 0:
         raise ConfigError("config key 'data.num_workers': must be >= 0")
+    if cfg.train.checkpoint_every < 0:
+        raise ConfigError("config key 'train.checkpoint_every': must be >= 0 (0: at epoch ends only)")
+    if cfg.train.keep_checkpoints < 1:
+        raise ConfigError("config key 'train.keep_checkpoints': must be at least 1")
 
 
 class Trainer:
@@ -96,8 +100,8 @@ class Trainer:
         for split in (cfg.data.val_split, cfg.train.explain_split):
             if split:
                 self.info.shard_paths(split)
-        if cfg.data.test_split and cfg.data.test_split not in self.info.splits:
-            log.warning("corpus %s has no split '%s': no final test", self.info.root, cfg.data.test_split)
+        if cfg.train.final_test and cfg.data.test_split and cfg.data.test_split not in self.info.splits:
+            log.warning("corpus %s has no split '%s': no final test", redact(str(self.info.root)), cfg.data.test_split)
         model = build_model(
             cfg.model.backbone,
             cfg.model.backbone_args,
@@ -116,6 +120,7 @@ class Trainer:
             world=acc.num_processes,
             num_workers=cfg.data.num_workers,
             seed=cfg.train.seed,
+            retries=cfg.data.retries,
         )
         self.train_data = ShardStream(
             self.info,
@@ -147,44 +152,80 @@ class Trainer:
         self.input_dtype = next(acc.unwrap_model(self.model).parameters()).dtype
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimizer updates
+        # Where the current epoch stands: its finished phases and the steps of the current one.
+        self.phases: list[Phase] = []
+        self.epoch_step = 0
+        # Sums over all ranks of the epoch's steps so far that are in a checkpoint: loss, steps, skipped.
+        self.epoch_base = [0.0, 0.0, 0.0]
+        self.keys: list[str] = []  # this rank's keys of the current phase, one line per step
         self.skipped_train = 0
-        self.rank_steps: list[int] = []
-        self.logger = MetricsLogger(self.run_dir, enabled=acc.is_main_process)
+        self.epoch_steps: list[int] = []  # steps per rank of each finished epoch
+        self.last_metrics: dict[str, Any] = {}
+        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, acc)
+        self.watch = PreemptionWatch(distributed=acc.num_processes > 1 and torch.distributed.is_initialized())
+        self.logger: MetricsLogger | None = None
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Return the loop's own state (the rest lives in Accelerate's checkpoint files)."""
-        return {"epoch": self.epoch, "global_step": self.global_step, "scheduler": self.scheduler.state_dict()}
+        """Return the loop's own state (model, optimizer and RNGs live in Accelerate's files).
+
+        The data position is the epoch, its finished phases and the steps of the current phase;
+        with the metric counters it lets a resumed run continue at the exact step.
+        """
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "scheduler": self.scheduler.state_dict(),
+            "phase": self.train_data.phase.to_json(),
+            "phases": [p.to_json() for p in self.phases],
+            "epoch_step": self.epoch_step,
+            "epoch_sums": self._epoch_totals(),
+            "skipped_train": self.skipped_train,
+            "epoch_steps": self.epoch_steps,
+            "last_metrics": self.last_metrics,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the loop's state; a different process or worker count starts a new phase."""
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.phases = [Phase.from_json(p) for p in state.get("phases", [])]
+        self.epoch_step = int(state.get("epoch_step", 0))
+        self.epoch_base = [float(v) for v in state.get("epoch_sums", [0.0, 0.0, 0.0])]
+        self.skipped_train = int(state.get("skipped_train", 0))
+        self.epoch_steps = [int(n) for n in state.get("epoch_steps", [])]
+        self.last_metrics = dict(state.get("last_metrics", {}))
+        saved = Phase.from_json(state["phase"]) if "phase" in state else self.train_data.phase
+        if self.epoch_step and saved.layout() != self.train_data.phase.layout():
+            # Another world size or worker count: close the interrupted phase, plan the rest anew.
+            self.phases.append(Phase(**{**saved.to_json(), "steps_done": self.epoch_step}))
+            self.epoch_step = 0
+        if saved.world != self.train_data.phase.world:
+            if zero_stage(self.accelerator) > 0:
+                raise ConfigError(
+                    f"{self.run_dir}: a DeepSpeed ZeRO checkpoint resumes with the same number of processes "
+                    f"(saved with {saved.world}, now {self.train_data.phase.world})"
+                )
+            log.warning(
+                "resuming with %d processes instead of %d: the epoch continues without re-reading a sample, "
+                "but the run is no longer bitwise equal to an uninterrupted one",
+                self.train_data.phase.world,
+                saved.world,
+            )
 
     def checkpoints(self) -> list[Path]:
-        """Return the saved checkpoints of this run, oldest first."""
-        folder = self.run_dir / "checkpoints"
-        found = [
-            p for p in folder.glob("epoch-*") if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").is_file()
-        ]
-        return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+        """Return the complete checkpoints of this run, oldest first."""
+        return self.store.complete()
 
     def save(self) -> Path:
-        """Save an Accelerate checkpoint of the completed epoch and prune old ones."""
-        path = self.run_dir / "checkpoints" / f"epoch-{self.epoch:04d}"
-        self.accelerator.save_state(str(path))
-        self.accelerator.wait_for_everyone()  # every rank's part is on disk before the marker
-        if self.accelerator.is_main_process:
-            # trainer_state.json is written last, atomically: a checkpoint without it is incomplete.
-            tmp = path / "trainer_state.json.tmp"
-            tmp.write_text(json.dumps(self.state_dict()))
-            os.replace(tmp, path / "trainer_state.json")
-            for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        """Save a checkpoint at the current step (collective) and prune old ones."""
+        self._write_keys()
+        path = self.store.save(self.global_step, self.state_dict(), self.accelerator.unwrap_model(self.model))
+        log.info("checkpoint %s at step %d", path, self.global_step)
         return path
 
     def resume(self) -> bool:
@@ -194,9 +235,36 @@ class Trainer:
             return False
         latest = found[-1]
         self.accelerator.load_state(str(latest))
-        self.load_state_dict(json.loads((latest / "trainer_state.json").read_text()))
-        log.info("resumed from %s (epoch %d, step %d)", latest, self.epoch, self.global_step)
+        self.load_state_dict(self.store.load_state(latest))
+        self._read_keys()
+        log.info("resumed from %s (epoch %d, step %d)", latest, self.epoch + 1, self.global_step)
         return True
+
+    def _epoch_totals(self) -> list[float]:
+        """Sums over all ranks of the epoch so far (collective): loss, steps, skipped samples."""
+        totals = self.accelerator.reduce(self.sums.clone(), "sum") if hasattr(self, "sums") else torch.zeros(3)
+        return [float(t) + b for t, b in zip(totals.tolist(), self.epoch_base, strict=True)]
+
+    def _keys_file(self) -> Path:
+        phase = f"-phase{len(self.phases)}" if self.phases else ""
+        return (
+            self.run_dir / "ranks" / f"keys-epoch{self.epoch + 1:04d}{phase}-rank{self.accelerator.process_index}.txt"
+        )
+
+    def _write_keys(self) -> None:
+        """Write this rank's keys of the current phase (``train.record_keys``): one line per step."""
+        if not self.cfg.train.record_keys:
+            return
+        path = self._keys_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in self.keys))
+        os.replace(tmp, path)
+
+    def _read_keys(self) -> None:
+        path = self._keys_file()
+        if self.cfg.train.record_keys and path.is_file():
+            self.keys = path.read_text().splitlines()[: self.epoch_step]
 
     # ----------------------------------------------------------------------------- steps
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -206,14 +274,23 @@ class Trainer:
         out["image"] = out["image"].to(dtype=self.input_dtype, memory_format=memory_format)
         return out
 
-    def train_step(self, batch: dict[str, Any]) -> float:
-        """Run one micro-batch forward/backward (an optimizer update every ``grad_accum``)."""
+    def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Run one micro-batch forward/backward (an optimizer update every ``grad_accum``).
+
+        Returns the loss as a detached device tensor: reading it would synchronise the device.
+        """
         acc, cfg = self.accelerator, self.cfg
         with acc.accumulate(self.model):
             with acc.autocast():
                 out = self.model(batch["image"])
             loss, _ = eat_loss(
-                out, batch["label"], batch["attributes"], batch["attr_mask"], cfg.loss.attr_weight, cfg.loss.attr_loss
+                out,
+                batch["label"],
+                batch["attributes"],
+                batch["attr_mask"],
+                cfg.loss.attr_weight,
+                cfg.loss.attr_loss,
+                weight=batch["weight"],
             )
             acc.backward(loss)
             if acc.sync_gradients:
@@ -224,52 +301,81 @@ class Trainer:
             if acc.sync_gradients:
                 self.scheduler.step()
                 self.global_step += 1
-        return float(loss.detach())
+        return loss.detach()
 
-    def train_epoch(self) -> dict[str, float]:
-        """Run one epoch of exactly ``steps_per_epoch`` micro-batches; return its metrics."""
-        acc = self.accelerator
+    def train_epoch(self) -> dict[str, float] | None:
+        """Run the rest of the current epoch; return its metrics, or None when preempted."""
+        acc, cfg = self.accelerator, self.cfg
         self.model.train()
-        self.train_data.set_epoch(self.epoch)
-        loader = make_loader(self.train_data, self.cfg.data.num_workers)
+        steps = self.train_data.set_epoch(self.epoch, self.phases, self.epoch_step)
+        before = sum(p.steps_done for p in self.phases)
         bar = tqdm(
-            total=self.steps_per_epoch,
-            desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
+            total=before + steps,
+            initial=before + self.epoch_step,
+            desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
             unit="step",
             disable=not acc.is_main_process,
             dynamic_ncols=True,
         )
-        loss_sum, steps, skipped = 0.0, 0, 0
-        keys: list[str] = []
-        start = time.time()
-        # The plan makes every rank's loader yield steps_per_epoch batches; zip caps it anyway.
-        for _, batch in zip(range(self.steps_per_epoch), loader, strict=False):
-            skipped += int(batch.pop("skipped"))
-            if self.cfg.train.record_keys:
-                keys += batch["keys"]
-            loss = self.train_step(self._to_device(batch))
-            loss_sum += loss
-            steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-            if acc.is_main_process and steps % self.cfg.train.log_every == 0:
-                self.logger.log("step", self.global_step, {"loss": loss, "lr": self.scheduler.get_last_lr()[0]})
-        bar.close()
-        self.rank_steps.append(steps)
-        if self.cfg.train.record_keys:
-            folder = self.run_dir / "ranks"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"keys-epoch{self.epoch + 1:04d}-rank{acc.process_index}.txt").write_text("\n".join(keys) + "\n")
-        totals = acc.reduce(torch.tensor([loss_sum, steps, skipped], dtype=torch.float64, device=acc.device), "sum")
+        # Per-rank sums of this process's steps: loss, steps, skipped; on the device, read rarely.
+        self.sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
+        window = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        start, images = time.time(), 0
+        loader = make_loader(self.train_data, cfg.data.num_workers)
+        try:
+            for _, batch in zip(range(steps - self.epoch_step), loader, strict=False):
+                images += self._run_step(batch, window)
+                bar.update(1)
+                # checkpoints and stops only on optimizer-update boundaries
+                if self.epoch_step % cfg.train.grad_accum == 0 and self._after_update(window, bar, steps):
+                    return None
+        finally:
+            bar.close()
+        totals = self._epoch_totals()
         self.skipped_train += int(totals[2])
+        self.epoch_steps.append(before + self.epoch_step)
+        self._write_keys()
         if int(totals[2]):
-            acc.print(f"epoch {self.epoch + 1}: skipped {int(totals[2])} corrupt training samples (see warnings)")
-        images_per_s = steps * self.cfg.data.batch_size * acc.num_processes / max(1e-9, time.time() - start)
+            acc.print(f"epoch {self.epoch + 1}: skipped {int(totals[2])} unusable training samples (see warnings)")
+        images_per_s = images * acc.num_processes / max(1e-9, time.time() - start)
         return {
-            "train_loss": float(totals[0] / totals[1]),
+            "train_loss": totals[0] / max(1.0, totals[1]),
             "train_skipped": int(totals[2]),
             "images_per_s": round(images_per_s, 1),
         }
+
+    def _run_step(self, batch: dict[str, Any], window: torch.Tensor) -> int:
+        """Train on one batch and add to the running sums; return the number of usable images."""
+        skipped = int(batch.pop("skipped"))
+        if self.cfg.train.record_keys:
+            self.keys.append(" ".join(batch["keys"]))
+        loss = self.train_step(self._to_device(batch)).double()
+        self.epoch_step += 1
+        self.sums[0] += loss
+        self.sums[1] += 1
+        self.sums[2] += skipped
+        window[0] += loss
+        window[1] += 1
+        return len(batch["keys"])
+
+    def _after_update(self, window: torch.Tensor, bar: tqdm, steps: int) -> bool:
+        """Log, checkpoint or stop after an optimizer update; return True when preempted."""
+        cfg = self.cfg
+        if self.global_step % cfg.train.log_every == 0:
+            # The only host sync of the loop: the mean loss of the steps since the last log.
+            mean, lr = float(window[0] / window[1]), self.scheduler.get_last_lr()[0]
+            window.zero_()
+            bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.2e}")
+            if self.logger is not None:
+                self.logger.log("step", self.global_step, {"loss": mean, "lr": lr})
+        if self.watch.should_stop():
+            bar.close()
+            self.save()
+            return True
+        every = cfg.train.checkpoint_every
+        if every and self.global_step % every == 0 and self.epoch_step < steps:
+            self.save()
+        return False
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -285,6 +391,7 @@ class Trainer:
             world=acc.num_processes,
             num_workers=self.cfg.data.num_workers,
             seed=self.cfg.train.seed,
+            retries=self.cfg.data.retries,
         )
         model: EATModel = acc.unwrap_model(self.model)
         self._sync_buffers(model)
@@ -347,28 +454,44 @@ class Trainer:
                 torch.distributed.broadcast(buffer.data, src=0)
 
     # ----------------------------------------------------------------------------- run
-    def fit(self, resume: bool = False) -> dict[str, Any]:
+    def fit(self, resume: bool = False) -> dict[str, Any] | None:
         """Train for the configured epochs (continuing from the latest checkpoint with ``resume``),
-        export the model package and return the final metrics."""
+        export the model package and return the final metrics; None when preempted (a checkpoint
+        was saved: rerun with ``--resume``)."""
         acc, cfg = self.accelerator, self.cfg
         if not resume and self.checkpoints():
             raise ConfigError(
                 f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
                 "or choose another train.output_dir"
             )
-        if resume and not self.resume():
+        resumed = resume and self.resume()
+        if resume and not resumed:
             acc.print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from scratch")
+        # A resumed run (or a rerun of one killed before its first checkpoint) drops the records
+        # logged after the step it continues from.
+        self.logger = MetricsLogger(
+            self.run_dir, enabled=acc.is_main_process, resume_step=self.global_step if resume else None
+        )
         acc.print(
             f"training {cfg.model.backbone} on {self.info.name}: {self.info.num_samples(cfg.data.train_split)} "
             f"images, {acc.num_processes} process(es), {self.steps_per_epoch} steps/epoch per process"
+            + (f"; resumed at epoch {self.epoch + 1}, step {self.global_step}" if resumed else "")
         )
-        metrics: dict[str, Any] = {}
-        if self.epoch >= cfg.train.epochs:  # resumed a finished run: report its model again
-            metrics = self.evaluate(cfg.data.val_split)
+        metrics: dict[str, Any] = dict(self.last_metrics)
         while self.epoch < cfg.train.epochs:
-            metrics = self.train_epoch()
+            epoch_metrics = self.train_epoch()
+            if epoch_metrics is None:
+                acc.print(
+                    f"preempted: checkpoint saved at epoch {self.epoch + 1}, step {self.global_step}; "
+                    f"continue with 'eatdist train ... --resume' (exit code {EXIT_PREEMPTED})"
+                )
+                return None
+            metrics = epoch_metrics
             metrics.update(self.evaluate(cfg.data.val_split))
             self.epoch += 1
+            self.phases, self.epoch_step, self.epoch_base, self.keys = [], 0, [0.0, 0.0, 0.0], []
+            del self.sums
+            self.last_metrics = dict(metrics)
             self.logger.log("epoch", self.global_step, {"epoch": self.epoch, **metrics})
             acc.print(
                 f"epoch {self.epoch}: loss {metrics['train_loss']:.4f}  "
@@ -433,14 +556,16 @@ class Trainer:
             "rank": acc.process_index,
             "world": acc.num_processes,
             "zero_stage": zero_stage(acc),
-            "steps_per_epoch": self.rank_steps,
+            "steps_per_epoch": self.epoch_steps,
             "parameter_sha256": digest,
         }
         (folder / f"rank-{acc.process_index}.json").write_text(json.dumps(report))
 
     def close(self) -> None:
         """Flush logs and leave the process group (avoids an abort at interpreter exit)."""
-        self.logger.close()
+        self.watch.close()
+        if self.logger is not None:
+            self.logger.close()
         self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
