@@ -1,286 +1,399 @@
-"""Distributed batch explanation: input shards in, one explanation shard per input shard out.
+"""The explanation job: input shards in, one explanation shard per input shard out.
 
-Each rank takes whole input shards (``sorted(inputs)[rank::world]``). An output shard is
-written under a temporary name and renamed when complete, with its report written just before;
-a rerun skips every shard whose output exists, so a killed job rerun explains each input key
-exactly once.
+Any number of processes — under a launcher or started by hand, on any machines that share the
+output folder, at any time — cooperate on one job. Each claims a whole input shard at a time in
+the output folder (:mod:`eatdist.explain.claims`), explains it through the pipeline (DataLoader
+workers decode, the device runs the model, a writer thread encodes and writes), publishes the
+output shard by renaming it into place and releases the claim. A process whose work is over
+waits while others hold live claims, so it can take over any whose owner stops; every process
+ends when each input has its output (or failed to be read during this run). Each then writes
+the same ``explain_summary.json``, atomically: whoever finishes last leaves it complete.
+
+The job's inputs are recorded in ``_job.json`` when it starts, so ``eatdist explain --status``
+needs only the output folder, and a process started with other inputs is refused.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
-from dataclasses import dataclass, field
+import os
+import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from eatdist import dist
 from eatdist.config import ExplainConfig
 from eatdist.data.corpus import DATASET_FILE
-from eatdist.data.pipeline import BadSample, Preprocess, build_transform, decode_image
-from eatdist.data.shards import AtomicShardWriter, iter_shard
+from eatdist.data.inputs import resolve_shards
 from eatdist.errors import ConfigError, DataError
-from eatdist.explain.cam import explanation_maps, normalise_maps
-from eatdist.explain.overlay import overlay
-from eatdist.explain.text import attribute_contributions, explanation_text
-from eatdist.models.eat import EATModel
-from eatdist.models.package import PackageMeta, load_package
+from eatdist.explain.claims import Claim, ClaimBoard, ClaimState
+from eatdist.explain.explainer import Explainer
+from eatdist.explain.loader import ShardChunks, make_loader, shutdown
+from eatdist.explain.writer import REPORTS, ShardReport, ShardWriterThread, Timings, write_json_atomic
+from eatdist.models.package import load_package
 
 log = logging.getLogger(__name__)
-REPORTS = "_reports"
 SUMMARY = "explain_summary.json"
+JOB_FILE = "_job.json"
+FAILED = ".failed.json"
 
 
 def resolve_inputs(pattern: str | list[str]) -> list[str]:
-    """Return the sorted input shard paths: a folder's ``*.tar``, a glob, one file, or a list.
+    """Return the sorted input shards: see :func:`eatdist.data.inputs.resolve_shards` (folders, globs,
+    brace patterns, URLs, ``pipe:`` commands, lists).
 
     Raises:
-        DataError: when nothing matches, or a listed file is missing.
+        DataError: when nothing matches, a listed file is missing, or two inputs share a file name.
     """
-    if isinstance(pattern, list):
-        for p in pattern:
-            if not Path(p).is_file():
-                raise DataError(f"input shard not found: {p}")
-        found = sorted(set(pattern))
-    elif Path(pattern).is_dir():
-        found = sorted(str(p) for p in Path(pattern).glob("*.tar"))
-    else:
-        found = sorted(glob.glob(pattern))
-    if not found:
-        raise DataError(f"no input shards match '{pattern}'")
-    # One output shard per input name: two inputs of the same name would overwrite each other.
-    names: dict[str, str] = {}
-    for p in found:
-        if Path(p).name in names:
-            raise DataError(f"input shards {names[Path(p).name]} and {p} have the same name; explain them apart")
-        names[Path(p).name] = p
-    return found
+    return resolve_shards(pattern)
 
 
-def assign_shards(paths: list[str], rank: int, world: int) -> list[str]:
-    """Return this rank's whole shards; ranks beyond the shard count get none."""
-    return paths[rank::world]
+def output_name(url: str) -> str:
+    """Return the output shard name of input ``url``: its last path component (paths and URLs alike)."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
-@dataclass
-class ShardReport:
-    """What happened to one input shard."""
-
-    input: str
-    output: str
-    rank: int = 0
-    explained: int = 0
-    undecodable: list[dict[str, str]] = field(default_factory=list)
-
-
-class Explainer:
-    """Explains batches of images with one model: class, attributes, text and maps."""
-
-    def __init__(self, model: EATModel, meta: PackageMeta, cfg: ExplainConfig, device: torch.device) -> None:
-        self.model, self.meta, self.cfg, self.device = model.to(device).eval(), meta, cfg, device
-        self.preprocess = Preprocess.from_json(meta.preprocess)
-        self.transform = build_transform(self.preprocess, train=False)
-        self.class_attributes = (
-            torch.tensor(meta.class_attributes, dtype=torch.float32, device=device)
-            if meta.class_attributes is not None
-            else None
-        )
-        for key, value in (("explain.batch_size", cfg.batch_size), ("explain.top_k", cfg.top_k)):
-            if value < (1 if key == "explain.batch_size" else 0):
-                raise ConfigError(f"config key '{key}': must be positive, got {value}")
-        self.top_k = min(cfg.top_k, len(meta.attributes))
-
-    @torch.no_grad()
-    def explain(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        """Return one record per image: ``json`` fields, ``txt`` and the ``[1 + K, h, w]`` maps."""
-        tensors = [self.transform(torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)) for im in images]
-        batch = torch.stack(tensors).to(self.device)
-        out = self.model(batch)
-        class_probs = out.class_logits.float().softmax(1)
-        confidence, classes = class_probs.max(1)
-        attr_probs = out.attr_logits.float().sigmoid()
-        contributions = attribute_contributions(attr_probs, classes, self.class_attributes)
-        top = contributions.topk(self.top_k, dim=1).indices
-        raw = explanation_maps(self.model, batch, out.features.float(), classes, top)
-        peaks = raw.flatten(2).amax(2)
-        maps = normalise_maps(raw).cpu().numpy().astype(np.float16)
-        records = []
-        for b in range(len(images)):
-            c = int(classes[b])
-            names = [self.meta.attributes[int(a)] for a in top[b]]
-            text = explanation_text(self.meta.classes[c], float(confidence[b]), names)
-            records.append(
-                {
-                    "json": {
-                        "class": c,
-                        "class_name": self.meta.classes[c],
-                        "confidence": round(float(confidence[b]), 5),
-                        "top_attributes": [
-                            {
-                                "index": int(a),
-                                "name": self.meta.attributes[int(a)],
-                                "probability": round(float(attr_probs[b, a]), 5),
-                                "contribution": round(float(contributions[b, a]), 5),
-                            }
-                            for a in top[b]
-                        ],
-                        "attribute_probabilities": [round(float(p), 4) for p in attr_probs[b]],
-                        "map_peaks": [round(float(p), 5) for p in peaks[b]],
-                        "text": text,
-                        "model_id": self.meta.model_id,
-                    },
-                    "txt": text,
-                    "maps": maps[b],
-                }
-            )
-        return records
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _true_class(sample: dict[str, Any]) -> int | None:
-    try:
-        label = json.loads(sample["json"]).get("class")
-    except Exception:  # images alone, or a json we do not need: no ground truth
-        return None
-    return label if isinstance(label, int) and not isinstance(label, bool) else None
-
-
-def explain_shard(
-    explainer: Explainer, in_path: str, out_dir: Path, bar: tqdm | None = None, rank: int = 0
-) -> ShardReport:
-    """Explain every decodable image of ``in_path`` into ``out_dir/<same name>``; return the report."""
-    name = Path(in_path).name
-    report = ShardReport(input=in_path, output=str(out_dir / name), rank=rank)
-    pending: list[tuple[dict[str, Any], Image.Image]] = []
-    fmt = explainer.cfg.overlay_format
-
-    def flush(writer: AtomicShardWriter) -> None:
-        records = explainer.explain([im for _, im in pending])
-        for (sample, image), rec in zip(pending, records, strict=True):
-            record = dict(rec["json"], source_shard=name)
-            truth = _true_class(sample)
-            if truth is not None:
-                record["true_class"] = truth
-            writer.write(
-                {
-                    "__key__": sample["__key__"],
-                    "json": json.dumps(record).encode(),
-                    "txt": rec["txt"].encode(),
-                    "heatmaps.npy": _npy_bytes(rec["maps"]),
-                    f"overlay.{fmt}": overlay(
-                        image, rec["maps"][0].astype(np.float32), explainer.cfg.overlay_alpha, fmt
-                    ),
-                }
-            )
-        report.explained += len(pending)
-        if bar is not None:
-            bar.update(len(pending))
-        pending.clear()
-
-    # A killed run may have left this shard's temporary file; only this rank writes this shard.
-    for stale in out_dir.glob(f".{name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    with AtomicShardWriter(out_dir / name) as writer:
-        for sample in iter_shard(in_path):
-            try:
-                image = decode_image(sample)
-            except BadSample as exc:
-                report.undecodable.append({"key": sample["__key__"], "reason": str(exc)})
-                log.warning("cannot explain %s in %s: %s", sample["__key__"], name, exc)
-                if bar is not None:
-                    bar.update(1)
-                continue
-            pending.append((sample, image))
-            if len(pending) == explainer.cfg.batch_size:
-                flush(writer)
-        if pending:
-            flush(writer)
-        # The report lands before the shard's rename: a finished shard always has its report.
-        reports = out_dir / REPORTS
-        reports.mkdir(exist_ok=True)
-        (reports / f"{name}.json").write_text(json.dumps(report.__dict__, indent=1))
-    return report
-
-
-def _planned_samples(paths: list[str]) -> int | None:
-    """Sum the counts ``dataset.json`` gives for ``paths``, when they come from a corpus."""
+def planned_counts(inputs: list[str]) -> dict[str, int]:
+    """Return the sample count of each input whose folder's ``dataset.json`` lists it."""
     counts: dict[str, int] = {}
-    for folder in {Path(p).parent for p in paths}:
+    for folder in {os.path.dirname(p) for p in inputs}:
         try:
-            data = json.loads((folder / DATASET_FILE).read_text())
+            data = json.loads((Path(folder or ".") / DATASET_FILE).read_text())
             for shards in data.get("splits", {}).values():
                 for s in shards:
-                    counts[str(folder / s["file"])] = int(s["samples"])
+                    counts[os.path.join(folder, s["file"])] = int(s["samples"])
         except (OSError, ValueError, KeyError, TypeError):
-            return None
+            continue
+    return {p: counts[p] for p in inputs if p in counts}
+
+
+def start_job(out_dir: Path, inputs: list[str], lease_s: float) -> dict[str, Any]:
+    """Record the job's inputs in ``out_dir/_job.json`` (first process) or check them (the others).
+
+    Raises:
+        DataError: when the folder holds a job over other inputs.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / JOB_FILE
+    if not path.exists():
+        tmp = out_dir / f".{JOB_FILE}.{os.getpid()}.{random.getrandbits(32):08x}.tmp"
+        tmp.write_text(json.dumps({"inputs": inputs, "lease_s": lease_s, "created": time.time()}, indent=1))
+        try:
+            os.link(tmp, path)  # the first process to arrive records the job
+        except FileExistsError:
+            pass
+        except OSError:
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    job = read_job(out_dir)
+    theirs, mine = sorted(map(output_name, job["inputs"])), sorted(map(output_name, inputs))
+    if theirs != mine:
+        raise DataError(
+            f"{out_dir} holds a job over {len(theirs)} other input shards (see {JOB_FILE}); "
+            "explain these inputs into another folder"
+        )
+    return job
+
+
+def read_job(out_dir: Path) -> dict[str, Any]:
+    """Return ``_job.json`` of ``out_dir``.
+
+    Raises:
+        DataError: when there is none.
+    """
     try:
-        return sum(counts[p] for p in paths)
-    except KeyError:
-        return None
+        return json.loads((Path(out_dir) / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        raise DataError(f"no explanation job in {out_dir} (no readable {JOB_FILE})") from None
 
 
 def summarise(out_dir: Path, inputs: list[str]) -> dict[str, Any]:
-    """Gather the per-shard reports of a finished job into one summary (and write it)."""
-    explained, undecodable, missing = 0, [], []
+    """Gather the per-shard reports of the job into one summary, write it and return it."""
+    explained, undecodable, missing, truncated = 0, [], [], []
     for path in inputs:
-        report_file = out_dir / REPORTS / f"{Path(path).name}.json"
-        if not report_file.is_file():
+        name = output_name(path)
+        report_file = out_dir / REPORTS / f"{name}.json"
+        if not (out_dir / name).is_file() or not report_file.is_file():
             missing.append(path)
             continue
         report = json.loads(report_file.read_text())
         explained += report["explained"]
-        undecodable += [dict(u, shard=Path(path).name) for u in report["undecodable"]]
+        undecodable += [dict(u, shard=name) for u in report["undecodable"]]
+        if report.get("truncated"):
+            truncated.append(dict(report["truncated"], shard=name, explained=report["explained"]))
     summary = {
         "input_shards": len(inputs),
         "explained": explained,
         "undecodable": len(undecodable),
         "undecodable_samples": undecodable,
+        "truncated_shards": truncated,
         "incomplete_shards": missing,
         "output": str(out_dir),
     }
-    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out_dir / SUMMARY, summary)
     return summary
+
+
+@dataclass
+class JobView:
+    """The state of every input of a job, from the files in its output folder."""
+
+    done: list[str]
+    claimed: list[tuple[str, ClaimState]]
+    failed: list[tuple[str, str, float]]  # input, reason, when (file server's clock)
+    remaining: list[str]
+
+
+def view_job(out_dir: Path, inputs: list[str], board: ClaimBoard) -> JobView:
+    """Sort the inputs into done, claimed, failed (unreadable) and remaining."""
+    present = set(os.listdir(out_dir))
+    reports = set(os.listdir(out_dir / REPORTS)) if (out_dir / REPORTS).is_dir() else set()
+    claims = board.scan()
+    view = JobView([], [], [], [])
+    for url in inputs:
+        name = output_name(url)
+        if name in present:
+            view.done.append(url)
+        elif name in claims:
+            view.claimed.append((url, claims[name]))
+        elif name + FAILED in reports:
+            path = out_dir / REPORTS / (name + FAILED)
+            try:
+                view.failed.append((url, json.loads(path.read_text())["reason"], path.stat().st_mtime))
+            except (OSError, ValueError, KeyError):  # replaced or removed meanwhile
+                view.remaining.append(url)
+        else:
+            view.remaining.append(url)
+    return view
+
+
+def job_status(out_dir: str | Path) -> tuple[str, bool]:
+    """Return a readable status of the job in ``out_dir`` and whether it is complete.
+
+    Raises:
+        DataError: when ``out_dir`` holds no job.
+    """
+    out_dir = Path(out_dir)
+    job = read_job(out_dir)
+    inputs, lease = job["inputs"], float(job.get("lease_s", 60.0))
+    board = ClaimBoard(out_dir, lease)
+    try:
+        view, now = view_job(out_dir, inputs, board), board.now()
+    finally:
+        board.close()
+    counts = planned_counts(inputs)
+    lines = [
+        f"job in {out_dir}: {len(inputs)} input shards, lease {lease:g} s",
+        f"done {len(view.done)}, claimed {len(view.claimed)}, failed {len(view.failed)}, "
+        f"remaining {len(view.remaining)}",
+    ]
+    if len(counts) == len(inputs):
+        images = sum(counts[p] for p in view.done)
+        lines.append(f"images in done shards: {images} of {sum(counts.values())}")
+    for url, state in view.claimed:
+        age = board.age(state, now)
+        stale = "; stale, will be taken over" if board.is_stale(state, now) else ""
+        lines.append(f"  claimed  {output_name(url)}  by {state.label} (heartbeat {age:.1f} s ago{stale})")
+    for url, reason, _ in view.failed:
+        lines.append(f"  failed   {output_name(url)}: {reason} (a new process retries it)")
+    complete = len(view.done) == len(inputs)
+    lines.append("complete" if complete else "not complete")
+    return "\n".join(lines), complete
+
+
+class ExplainJob:
+    """One process's part in an explanation job; :meth:`run` returns when the job is over."""
+
+    def __init__(self, explainer: Explainer, inputs: list[str], out_dir: Path, cfg: ExplainConfig) -> None:
+        for key, value in (("explain.lease_s", cfg.lease_s), ("explain.num_workers", cfg.num_workers + 1)):
+            if value <= 0:
+                raise ConfigError(f"config key '{key}': must be positive, got {value}")
+        self.explainer, self.inputs, self.out_dir, self.cfg = explainer, inputs, out_dir, cfg
+        self.rank, world = dist.rank(), dist.world_size()
+        start_job(out_dir, inputs, cfg.lease_s)
+        # Where this process starts looking: its rank's share under a launcher, anywhere otherwise,
+        # so that processes starting together rarely contend for the same claim.
+        offset = self.rank * len(inputs) // world if world > 1 else random.randrange(len(inputs))
+        self.order = inputs[offset:] + inputs[:offset]
+        self.dataset = ShardChunks(explainer.transform, cfg.batch_size)
+        self.loader = make_loader(self.dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
+        # Start the workers before any thread exists (forking a threaded process is unsafe).
+        self.dataset.select("")
+        for _ in self.loader:
+            pass
+        self.board = ClaimBoard(out_dir, cfg.lease_s)
+        self.started = self.board.now()
+        self.counts = planned_counts(inputs)
+        self.writer = ShardWriterThread(explainer.meta, cfg.overlay_format, cfg.overlay_alpha, cfg.queue_batches)
+        self.timings: Timings = self.writer.timings
+        self.mine: list[ShardReport] = []
+        self.reading: dict[str, int] = {}  # samples read of this process's unpublished shards
+        known = len(self.counts) == len(inputs)
+        self.bar = tqdm(total=sum(self.counts.values()) if known else None, desc="explain", unit="img",
+                        disable=self.rank != 0, dynamic_ncols=True)  # fmt: skip
+        self.job_wide = known
+
+    def run(self) -> None:
+        """Claim and explain shards until every input has its output or failed in this run."""
+        waiting = False
+        while True:
+            view = self._view()
+            got = self._claim(view)
+            if got is not None:
+                waiting = False
+                self._explain(*got)
+                continue
+            self.writer.drain()
+            view = self._view()
+            if not view.remaining and not view.claimed:
+                return
+            if not view.remaining and not waiting:
+                owners = sorted({s.label for _, s in view.claimed})
+                log.info("waiting for %d shard(s) claimed by %s", len(view.claimed), ", ".join(owners))
+            waiting = True
+            time.sleep(min(5.0, max(0.05, self.cfg.lease_s / 10)))
+
+    def _view(self) -> JobView:
+        view = view_job(self.out_dir, self.inputs, self.board)
+        # A shard that could not be read is retried by processes started after it failed (reruns).
+        retry = [url for url, _, when in view.failed if when < self.started]
+        view.remaining += retry
+        if self.job_wide:
+            done = sum(self.counts[p] for p in view.done)
+            self.bar.n = done + sum(list(self.reading.values()))
+            self.bar.refresh()
+        return view
+
+    def _claim(self, view: JobView) -> tuple[str, Claim] | None:
+        now = self.board.now()
+        claimable = {url: None for url in view.remaining} | {
+            url: s for url, s in view.claimed if s.owner.get("token") != self.board.owner.token
+        }
+        for url in self.order:
+            if url not in claimable:
+                continue
+            seen: ClaimState | None = claimable[url]
+            if seen is not None and not self.board.is_stale(seen, now):
+                continue
+            claim = self.board.try_claim(output_name(url), seen, url)
+            if claim is None:
+                continue
+            if (self.out_dir / output_name(url)).exists():  # published since the scan
+                claim.release()
+                continue
+            if seen is not None:
+                log.warning("took over %s from %s (no heartbeat for %.0f s)", output_name(url), seen.label,
+                            self.board.age(seen, now))  # fmt: skip
+            return url, claim
+        return None
+
+    def _explain(self, url: str, claim: Claim) -> None:
+        name = output_name(url)
+        claim.__enter__()
+        log.debug("claimed %s (generation %d)", name, claim.generation)
+        report = ShardReport(input=url, output=str(self.out_dir / name), rank=self.rank, owner=claim.board.owner.label)
+        for stale in self.out_dir.glob(f".{glob.escape(name)}.*.tmp"):  # left by a process that died on it
+            stale.unlink(missing_ok=True)
+        self.dataset.select(url)
+        self.reading[name] = 0
+        opened = False
+        try:
+            for chunk in self.loader:
+                if chunk.error is not None and chunk.read == 0:
+                    self._failed(url, claim, chunk.error)
+                    return
+                if not opened:
+                    self.writer.open(report, self.out_dir / name)
+                    opened = True
+                for bad in chunk.bad:
+                    report.undecodable.append(bad)
+                    log.warning("cannot explain %s in %s: %s", bad["key"], name, bad["reason"])
+                self.timings.decode += chunk.decode_s
+                if chunk.pixels is not None:
+                    self._infer(chunk)
+                self.bar.update(chunk.read - self.reading[name])
+                self.reading[name] = chunk.read
+                if chunk.error is not None:
+                    report.truncated = {"read": chunk.read, "reason": chunk.error}
+                    log.warning("%s ends after %d samples; those are explained, the rest reported: %s",
+                                name, chunk.read, chunk.error)  # fmt: skip
+                    break
+                if claim.lost:
+                    break
+            if not opened:  # an empty shard still gets its (empty) output
+                self.writer.open(report, self.out_dir / name)
+            self.writer.close_shard(claim.held, lambda published: self._published(name, claim, published))
+        except BaseException:
+            claim.release()
+            raise
+
+    def _infer(self, chunk: Any) -> None:
+        explainer = self.explainer
+        mode = torch.inference_mode() if explainer.model.linear_heads else torch.no_grad()
+        started = time.perf_counter()
+        with mode:
+            batch, out = explainer.forward(chunk.pixels)
+            if explainer.on_gpu:
+                torch.cuda.synchronize(explainer.device)
+            forwarded = time.perf_counter()
+            result = explainer.results(batch, out)
+        self.timings.forward += forwarded - started
+        self.timings.maps += time.perf_counter() - forwarded
+        self.writer.write(chunk, result)
+
+    def _published(self, name: str, claim: Claim, report: ShardReport | None) -> None:
+        """Runs in the writer thread once the shard is published (``report``) or dropped (None)."""
+        if report is not None:
+            self.mine.append(report)
+            (self.out_dir / REPORTS / (name + FAILED)).unlink(missing_ok=True)
+        self.reading.pop(name, None)
+        claim.release()
+
+    def _failed(self, url: str, claim: Claim, reason: str) -> None:
+        log.error("rank %d: shard %s not explained: %s", self.rank, url, reason)
+        reports = self.out_dir / REPORTS
+        reports.mkdir(exist_ok=True)
+        record = {"input": url, "reason": reason, "owner": claim.board.owner.label}
+        write_json_atomic(reports / (output_name(url) + FAILED), record)
+        self.reading.pop(output_name(url), None)
+        claim.release()
+
+    def close(self) -> None:
+        """Finish the queued writes, stop the workers and threads, drop this process's clock probe."""
+        try:
+            self.writer.close()
+        finally:
+            self.bar.close()
+            self.board.close()
+            shutdown(self.loader)
 
 
 def run_explain(
     model_path: str | Path, pattern: str | list[str], output: str | Path, cfg: ExplainConfig
 ) -> dict[str, Any] | None:
-    """Explain this rank's share of the input shards; rank 0 returns the job summary.
+    """Take part in explaining ``pattern`` into ``output`` until the job is over; return its summary.
 
+    Under a launcher only rank 0 returns the summary (the others None); every process writes it.
     Raises:
-        DataError: when no input matches; ModelPackageError for a bad model package.
+        DataError: when no input matches, or ``output`` holds a job over other inputs;
+        ModelPackageError: for a bad model package.
     """
     inputs = resolve_inputs(pattern)
-    joined = dist.init_process_group()
-    rank, world = dist.rank(), dist.world_size()
     device = dist.device()
     model, meta = load_package(model_path, device)
-    explainer = Explainer(model, meta, cfg, device)
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mine = assign_shards(inputs, rank, world)
-    todo = [p for p in mine if not (out_dir / Path(p).name).exists()]
-    if len(todo) < len(mine):
-        log.info("rank %d: %d of %d shards already explained, skipping them", rank, len(mine) - len(todo), len(mine))
-    bar = tqdm(total=_planned_samples(todo), desc="explain", unit="img", disable=rank != 0, dynamic_ncols=True)
-    for path in todo:
-        try:
-            explain_shard(explainer, path, out_dir, bar, rank)
-        except DataError as exc:  # an unreadable shard: report it, explain the others, rerun later
-            log.error("rank %d: shard %s not explained: %s", rank, path, exc)
-    bar.close()
-    if joined:
-        torch.distributed.barrier()
-    return summarise(out_dir, inputs) if rank == 0 else None
+    job = ExplainJob(Explainer(model, meta, cfg, device), inputs, Path(output), cfg)
+    try:
+        job.run()
+    finally:
+        job.close()
+    log.info("this process explained %d images from %d shards", sum(r.explained for r in job.mine), len(job.mine))
+    summary = summarise(Path(output), inputs)
+    return summary if dist.rank() == 0 else None

@@ -19,12 +19,17 @@ def colorize(heatmap: np.ndarray) -> np.ndarray:
     return (_RAMP[lo] * (1 - t) + _RAMP[lo + 1] * t).astype(np.uint8)
 
 
+# The upsampled map is 8-bit, so the ramp is evaluated once on the 256 levels it can take (the
+# same float32 values ``colorize`` sees): a table lookup gives identical colours several times faster.
+_LUT = colorize(np.arange(256, dtype=np.float32) / np.float32(255.0))
+
+
 def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5, fmt: str = "jpg") -> bytes:
     """Return encoded ``image`` blended with the normalised ``heatmap`` upsampled to its size."""
     small = Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8))
-    upsampled = np.asarray(small.resize(image.size, Image.BILINEAR), dtype=np.float32) / 255.0
-    colours = Image.fromarray(colorize(upsampled))
-    blended = Image.blend(image.convert("RGB"), colours, alpha)
+    levels = np.asarray(small.resize(image.size, Image.BILINEAR))
+    colours = Image.fromarray(_LUT[levels])
+    blended = Image.blend(image if image.mode == "RGB" else image.convert("RGB"), colours, alpha)
     buf = io.BytesIO()
     blended.save(buf, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": 90} if fmt == "jpg" else {}))
     return buf.getvalue()

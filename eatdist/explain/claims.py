@@ -1,0 +1,279 @@
+"""Claims on input shards, kept in the output folder: who explains what among processes that come and go.
+
+A claim is a small JSON file ``OUT/_claims/<shard name>.claim-<generation>`` naming its owner
+(host, pid, a unique token). Rules, all built on one atomic primitive — *create a file only if
+that name does not exist yet* (``link(2)`` of a finished temporary file, else ``O_EXCL``):
+
+- **claim** a free shard: create generation 0. Of several processes trying, exactly one wins.
+- **heartbeat**: the owner's thread touches its file (mtime) every ``lease / 6`` seconds, after
+  checking that no generation above its own exists.
+- **stale**: a claim is stale when its mtime is older than the lease, measured against the file
+  server's clock (the mtime of a probe file this process has just touched, so machines whose
+  clocks disagree still agree on ages), or at once when its owner ran on this machine (same
+  kernel and pid namespace) and that process is gone.
+- **take over** a stale generation ``g``: create generation ``g + 1``. Two processes that saw the
+  same stale claim cannot both win, as only one create of ``g + 1`` succeeds. The winner then checks
+  that ``g`` is still exactly the file it judged stale (same mtime, same owner); if it was
+  refreshed in the meantime its owner is alive, and the winner withdraws ``g + 1``. Otherwise it
+  deletes ``g``. An owner that finds ``g + 1`` (or its own file gone) knows it has lost the shard
+  and stops without publishing anything.
+- **release**: the owner deletes its file — after renaming the finished output into place, so a
+  released claim always means the output exists or the shard failed.
+
+Whoever wins a claim checks that the output does not exist yet before working. The remaining
+window — an owner stalled for a whole lease that wakes up between its last check and its rename —
+can make two processes write the same shard; both write complete, identical files under a
+temporary name and rename them, so the output stays correct either way.
+
+**Object storage.** The protocol needs only a conditional create, so it maps onto stores without
+rename: claim = ``PUT _claims/<name>.claim-<g>`` with ``If-None-Match: *`` (S3) or
+``ifGenerationMatch=0`` (GCS), failing with 412 when taken; heartbeat = re-``PUT`` with
+``If-Match: <etag>``; age = the store's ``Last-Modified`` against that of a probe object just
+written; outputs are single ``PUT``s, which appear whole, so no temporary name is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+CLAIMS = "_claims"
+_SEP = ".claim-"
+
+
+def _machine() -> str:
+    """Identify this kernel and pid namespace: pids are comparable only within one."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return "/".join(parts)
+
+
+def _start_time(pid: int) -> str | None:
+    """Return the kernel's start time of ``pid`` (tells a reused pid apart), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _process_gone(pid: int, start: str | None) -> bool:
+    """Return True when ``pid`` has exited (or is a zombie, or is another process now)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X") or (start is not None and _start_time(pid) not in (None, start))
+
+
+@dataclass(frozen=True)
+class Owner:
+    """One process taking part in a job."""
+
+    host: str
+    pid: int
+    token: str
+    machine: str
+    start: str | None
+
+    @classmethod
+    def me(cls) -> Owner:
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:12], _machine(), _start_time(os.getpid()))
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "pid": self.pid, "token": self.token, "machine": self.machine, "start": self.start}
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    """The current claim on one shard, as one scan saw it."""
+
+    name: str
+    generation: int
+    path: Path
+    mtime_ns: int
+    owner: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"{self.owner.get('host', '?')}:{self.owner.get('pid', '?')}"
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` only if it does not exist; return whether this call did.
+
+    ``link(2)`` publishes a complete file atomically (and is atomic on NFS); where hard links are
+    not supported, ``O_EXCL`` creates it and readers treat a half-written claim as live.
+    """
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ClaimBoard:
+    """The claims of one output folder, seen from one process."""
+
+    def __init__(self, out_dir: Path, lease_s: float, owner: Owner | None = None) -> None:
+        self.dir = Path(out_dir) / CLAIMS
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lease_s = lease_s
+        self.owner = owner or Owner.me()
+        self._probe = self.dir / f".clock-{self.owner.token}"
+
+    def path(self, name: str, generation: int) -> Path:
+        return self.dir / f"{name}{_SEP}{generation}"
+
+    def now(self) -> float:
+        """Return the file server's current time (seconds), read from a file touched just now."""
+        self._probe.touch()
+        return self._probe.stat().st_mtime
+
+    def scan(self) -> dict[str, ClaimState]:
+        """Return the current (highest-generation) claim of every claimed shard."""
+        latest: dict[str, int] = {}
+        for entry in os.listdir(self.dir):
+            name, sep, gen = entry.rpartition(_SEP)
+            if sep and gen.isdigit():
+                latest[name] = max(latest.get(name, -1), int(gen))
+        states = {}
+        for name, gen in latest.items():
+            state = self.read(name, gen)
+            if state is not None:
+                states[name] = state
+        return states
+
+    def read(self, name: str, generation: int) -> ClaimState | None:
+        """Return the claim file's state, or None when it no longer exists."""
+        path = self.path(name, generation)
+        try:
+            mtime = path.stat().st_mtime_ns
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            owner = json.loads(data)["owner"]
+        except (ValueError, KeyError, TypeError):  # being written (O_EXCL fallback): live until it ages
+            owner = {}
+        return ClaimState(name, generation, path, mtime, owner)
+
+    def age(self, state: ClaimState, now: float) -> float:
+        """Seconds since ``state``'s last heartbeat, on the file server's clock."""
+        return max(0.0, now - state.mtime_ns / 1e9)
+
+    def is_stale(self, state: ClaimState, now: float) -> bool:
+        """Return True when the claim's owner has stopped: no heartbeat for a lease, or gone from this machine."""
+        if self.age(state, now) > self.lease_s:
+            return True
+        owner = state.owner
+        if owner.get("machine") == self.owner.machine and isinstance(owner.get("pid"), int):
+            return owner["pid"] != os.getpid() and _process_gone(owner["pid"], owner.get("start"))
+        return False
+
+    def try_claim(self, name: str, seen: ClaimState | None, input_url: str) -> Claim | None:
+        """Claim ``name`` if free (``seen`` None) or take over the stale claim ``seen``; None if another won."""
+        generation = 0 if seen is None else seen.generation + 1
+        path = self.path(name, generation)
+        record = {"owner": self.owner.to_json(), "input": input_url, "claimed_at": time.time()}
+        if not _create_exclusive(path, json.dumps(record).encode()):
+            return None
+        if seen is not None:
+            # Is the claim we replace still exactly the stale one we saw? A heartbeat since then
+            # means its owner lives: withdraw. Deleting it tells that owner, should it wake, it lost.
+            # A claim released since (gone) was live too.
+            again = self.read(name, seen.generation)
+            if again is None or again.mtime_ns != seen.mtime_ns or again.owner != seen.owner:
+                path.unlink(missing_ok=True)
+                return None
+            again.path.unlink(missing_ok=True)
+        return Claim(self, name, generation)
+
+    def close(self) -> None:
+        self._probe.unlink(missing_ok=True)
+
+
+class Claim:
+    """A claim this process holds; a thread keeps its heartbeat while it is open."""
+
+    def __init__(self, board: ClaimBoard, name: str, generation: int) -> None:
+        self.board, self.name, self.generation = board, name, generation
+        self.path = board.path(name, generation)
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
+
+    def __enter__(self) -> Claim:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def _beat(self) -> None:
+        interval = max(0.05, self.board.lease_s / 6)
+        while not self._stop.wait(interval):
+            if not self.held():
+                self._lost.set()
+                return
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                self._lost.set()
+                return
+
+    @property
+    def lost(self) -> bool:
+        """True once the heartbeat has found the claim taken over (cheap: no file access)."""
+        return self._lost.is_set()
+
+    def held(self) -> bool:
+        """Return True while no other process has taken this claim over."""
+        if self._lost.is_set():
+            return False
+        return self.path.exists() and not self.board.path(self.name, self.generation + 1).exists()
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the claim file (only if it is still ours)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.held():
+            self.path.unlink(missing_ok=True)

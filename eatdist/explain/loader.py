@@ -1,0 +1,156 @@
+"""Reading, decoding and transforming one input shard at a time, in DataLoader workers.
+
+A shard's samples are cut into chunks of ``batch_size`` consecutive samples; worker ``w`` of ``W``
+decodes the chunks ``w, w + W, ...`` and skips the others undecoded. The DataLoader collects the
+workers' outputs round-robin, so chunks reach the main process in shard order: the output shard
+keeps the input's order. The workers persist from shard to shard; the shard to read is handed to
+them through a small shared buffer read when they start each pass.
+
+A shard that ends early (``iter_shard`` raises ``DataError`` after some samples) still yields every
+chunk before the cut, the last one marked with the error; one that cannot be read at all gives a
+single empty chunk with the error.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2
+
+from eatdist.data.pipeline import BadSample, decode_image
+from eatdist.data.shards import iter_shard
+from eatdist.errors import DataError
+
+_URL_BYTES = 8192
+
+
+@dataclass
+class Chunk:
+    """Up to ``batch_size`` consecutive samples of a shard, decoded and ready for the model."""
+
+    index: int
+    keys: list[str] = field(default_factory=list)
+    truths: list[int | None] = field(default_factory=list)
+    pixels: torch.Tensor | None = None  # [n, 3, S, S] float, the model input
+    images: list[np.ndarray] = field(default_factory=list)  # [H, W, 3] uint8, for the overlays
+    bad: list[dict[str, str]] = field(default_factory=list)  # undecodable: key and reason
+    read: int = 0  # samples of the shard read up to the end of this chunk
+    error: str | None = None  # the shard ended here: why
+    decode_s: float = 0.0
+
+    def pin_memory(self) -> Chunk:
+        """Pin only the model input (called by the DataLoader's pin thread)."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def _true_class(sample: dict[str, Any]) -> int | None:
+    try:
+        label = json.loads(sample["json"]).get("class")
+    except Exception:  # images alone, or a json we do not need: no ground truth
+        return None
+    return label if isinstance(label, int) and not isinstance(label, bool) else None
+
+
+class ShardChunks(IterableDataset):
+    """The chunks of the shard named in a shared buffer; set it with :meth:`select` before each pass."""
+
+    def __init__(self, transform: v2.Compose, batch_size: int) -> None:
+        super().__init__()
+        self.transform, self.batch_size = transform, batch_size
+        self._url = multiprocessing.Array("c", _URL_BYTES, lock=False)
+
+    def select(self, url: str) -> None:
+        """Make the next pass read ``url``.
+
+        Raises:
+            DataError: when the name is too long for the shared buffer.
+        """
+        data = url.encode()
+        if len(data) >= _URL_BYTES:
+            raise DataError(f"input shard name longer than {_URL_BYTES - 1} bytes: {url[:80]}...")
+        self._url.value = data  # type: ignore[attr-defined]
+
+    def _decode(self, chunk: Chunk, sample: dict[str, Any]) -> torch.Tensor | None:
+        try:
+            image = decode_image(sample)
+        except BadSample as exc:
+            chunk.bad.append({"key": sample["__key__"], "reason": str(exc)})
+            return None
+        array = np.array(image, dtype=np.uint8)
+        chunk.keys.append(sample["__key__"])
+        chunk.truths.append(_true_class(sample))
+        chunk.images.append(array)
+        return self.transform(torch.from_numpy(array).permute(2, 0, 1))
+
+    def __iter__(self) -> Iterator[Chunk]:
+        url = self._url.value.decode()  # type: ignore[attr-defined]
+        if not url:  # the pass that only starts the workers
+            return
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        size = self.batch_size
+        chunk, tensors, read, started = None, [], 0, time.perf_counter()
+
+        def finish(c: Chunk) -> Chunk:
+            c.pixels = torch.stack(tensors) if tensors else None
+            c.read, c.decode_s = read, time.perf_counter() - started
+            tensors.clear()
+            return c
+
+        try:
+            for sample in iter_shard(url):
+                index = read // size
+                if index % workers == worker:
+                    if chunk is None:
+                        chunk, started = Chunk(index), time.perf_counter()
+                    tensor = self._decode(chunk, sample)
+                    if tensor is not None:
+                        tensors.append(tensor)
+                read += 1
+                if chunk is not None and read % size == 0:
+                    yield finish(chunk)
+                    chunk = None
+        except DataError as exc:
+            # Every worker meets the same cut; the owner of the chunk it falls in reports it
+            # there, the others report it in a later slot, which the reader never reaches.
+            chunk = chunk or Chunk(read // size if (read // size) % workers == worker else -1)
+            chunk.error = str(exc)
+            yield finish(chunk)
+            return
+        if chunk is not None:
+            yield finish(chunk)
+
+
+def _identity(chunk: Chunk) -> Chunk:
+    return chunk
+
+
+def make_loader(dataset: ShardChunks, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Return the DataLoader over ``dataset``: workers persist across shards, two chunks ahead each."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        collate_fn=_identity,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def shutdown(loader: DataLoader) -> None:
+    """Stop ``loader``'s persistent workers now (and reap them), rather than whenever it is collected."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None

