@@ -8,20 +8,26 @@ In training it keeps its place in the batch with ``weight`` 0 (see :class:`Shard
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import v2
 
-from eatdist.data.corpus import IMAGE_EXTENSIONS, DatasetInfo
+from eatdist.data.corpus import DatasetInfo
+from eatdist.data.decode import (  # noqa: F401  (BadSample, Preprocess and decode_image are re-exported)
+    BadSample,
+    Decoder,
+    Preprocess,
+    build_transform,
+    decode_image,
+    decode_tensor,
+    jpeg_bytes,
+    parse_labels,
+)
 from eatdist.data.plan import (
     EpochPlan,
     Phase,
@@ -39,90 +45,7 @@ from eatdist.errors import DataError
 
 log = logging.getLogger(__name__)
 MAX_LOGGED_PER_WORKER = 10
-
-
-class BadSample(ValueError):
-    """A sample that cannot be used; the message says why."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Input size and normalisation a model expects."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Preprocess:
-        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))  # type: ignore[arg-type]
-
-
-def build_transform(pre: Preprocess, train: bool, crop_scale_min: float = 1.0, hflip: bool = True) -> v2.Compose:
-    """Return the uint8 CHW tensor → normalised float tensor transform."""
-    size = (pre.image_size, pre.image_size)
-    steps: list[Any] = []
-    if train and crop_scale_min < 1.0:
-        steps.append(v2.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), antialias=True))
-    else:
-        steps.append(v2.Resize(size, antialias=True))
-    if train and hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
-    return v2.Compose(steps)
-
-
-def decode_image(sample: dict[str, Any]) -> Image.Image:
-    """Return the sample's image as RGB.
-
-    Raises:
-        BadSample: when there is no image or it cannot be decoded.
-    """
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        raise BadSample(f"no image ({'/'.join(IMAGE_EXTENSIONS)})")
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as img:
-            return img.convert("RGB")
-    except Exception as exc:  # PIL raises many types for broken bytes
-        raise BadSample(f"undecodable {ext} image ({type(exc).__name__})") from None
-
-
-def parse_labels(sample: dict[str, Any], num_classes: int, num_attributes: int) -> tuple[int, list[float], list[float]]:
-    """Return (class, attributes, attr_mask) from the sample's ``json``, checked against the corpus.
-
-    Raises:
-        BadSample: when the json is missing, malformed or inconsistent with ``dataset.json``.
-    """
-    if "json" not in sample:
-        raise BadSample("no json")
-    try:
-        record = json.loads(sample["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadSample("malformed json") from None
-    if not isinstance(record, dict):
-        raise BadSample("json is not an object")
-    label = record.get("class")
-    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
-        raise BadSample(f"class {label!r} not an integer in [0, {num_classes})")
-    attrs = record.get("attributes")
-    if not isinstance(attrs, list) or len(attrs) != num_attributes:
-        n = len(attrs) if isinstance(attrs, list) else type(attrs).__name__
-        raise BadSample(f"attributes: expected {num_attributes} values, got {n}")
-    mask = record.get("attr_mask", [1.0] * num_attributes)
-    if not isinstance(mask, list) or len(mask) != num_attributes:
-        raise BadSample(f"attr_mask: expected {num_attributes} values")
-    try:
-        values = [float(a) for a in attrs]
-        mask_values = [float(m) for m in mask]
-    except (TypeError, ValueError):
-        raise BadSample("attributes or attr_mask hold non-numbers") from None
-    if any(not 0.0 <= v <= 1.0 for v in values):
-        raise BadSample("attribute values outside [0, 1]")
-    return label, values, mask_values
+EPOCH_STATE_BYTES = 1 << 16
 
 
 @dataclass
@@ -211,6 +134,8 @@ class ShardStream(IterableDataset):
         crop_scale_min: float = 1.0,
         step_multiple: int = 1,
         retries: int | None = None,
+        decoder: Decoder = "auto",
+        decode_device: str = "cpu",
     ) -> None:
         super().__init__()
         self.shards = list(zip(info.shard_paths(split), [s.samples for s in info.shards(split)], strict=True))
@@ -219,41 +144,64 @@ class ShardStream(IterableDataset):
         self.image_size = preprocess.image_size
         self.batch_size, self.train = batch_size, train
         self.rank, self.world, self.workers = rank, world, max(1, num_workers)
-        self.seed, self.retries = seed, retries
-        self.transform = build_transform(preprocess, train, crop_scale_min)
+        self.seed, self.retries, self.decoder, self.decode_device = seed, retries, decoder, decode_device
+        # Batches leave the workers as uint8; Preprocess.normalize finishes the job on the device.
+        self.transform = build_transform(preprocess, train, crop_scale_min, normalize=False)
         self.phase = Phase(world, self.workers, batch_size, step_multiple, max(1, shuffle_buffer))
         self.epoch, self.phases, self.start_step = 0, [], 0
         self.plan: EpochPlan | None = None
+        # Persistent workers keep the copy of this object they were started with: the epoch's
+        # position reaches them through this shared buffer (JSON, length-prefixed), read at the
+        # start of every pass.
+        self._shared = torch.zeros(EPOCH_STATE_BYTES, dtype=torch.uint8).share_memory_()
         # Training steps of the current phase, equal on every rank (0 for evaluation).
         self.steps = self.set_epoch(0) if train else 0
 
     def set_epoch(self, epoch: int, phases: list[Phase] | None = None, start_step: int = 0) -> int:
-        """Plan ``epoch`` after its finished ``phases``, resuming at ``start_step``; return the phase's steps."""
-        self.epoch, self.phases, self.start_step = epoch, list(phases or []), start_step
+        """Plan ``epoch`` after its finished ``phases``, resuming at ``start_step``; return the phase's steps.
+
+        Call it before each pass over a loader, whose workers may be persistent.
+        """
+        state = {"epoch": epoch, "phases": [p.to_json() for p in phases or []], "start_step": start_step}
+        data = json.dumps(state).encode()
+        if len(data) + 4 > EPOCH_STATE_BYTES:
+            raise DataError(f"an epoch resumed {len(state['phases'])} times: too many phases to track")
+        self._shared[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
+        self._shared[4 : 4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return self._load_epoch()
+
+    def _load_epoch(self) -> int:
+        """Take the epoch position from the shared buffer (in the main process or a worker)."""
+        size = int.from_bytes(bytes(self._shared[:4].tolist()), "little")
+        state = json.loads(bytes(self._shared[4 : 4 + size].tolist()))
+        self.epoch, self.start_step = int(state["epoch"]), int(state["start_step"])
+        self.phases = [Phase.from_json(p) for p in state["phases"]]
         if self.train:
-            self.plan = plan_epoch(self.shards, seed=self.seed, epoch=epoch, phases=self.phases, current=self.phase)
+            self.plan = plan_epoch(
+                self.shards, seed=self.seed, epoch=self.epoch, phases=self.phases, current=self.phase
+            )
             self.steps = self.plan.steps
         return self.steps
 
     def _decode(self, position: int, sample: dict[str, Any] | None, tally: SkipTally) -> dict[str, Any] | None:
         if sample is None:
             return None
+        seed = sample_seed(self.seed, self.epoch, position) if self.train else 0
         try:
             label, attrs, mask = parse_labels(sample, self.num_classes, self.num_attributes)
-            image = decode_image(sample)
+            jpeg = jpeg_bytes(sample) if self.decode_device != "cpu" else None
+            tensor = decode_tensor(sample, self.image_size, self.decoder) if jpeg is None else None
         except BadSample as exc:
             tally.skip(f"sample {sample.get('__key__')} in {sample.get('__shard__')}", str(exc))
             return None
-        tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        item = {"key": sample["__key__"], "label": label, "attributes": attrs, "attr_mask": mask, "seed": seed}
+        if jpeg is not None:  # decoded with the rest of the batch on the device (decode_on_device)
+            item["image"], item["jpeg"] = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), jpeg
+            return item
         if self.train:  # augmentation drawn from the sample's own seed: resumable, order-free
-            torch.manual_seed(sample_seed(self.seed, self.epoch, position))
-        return {
-            "key": sample["__key__"],
-            "image": self.transform(tensor),
-            "label": label,
-            "attributes": attrs,
-            "attr_mask": mask,
-        }
+            torch.manual_seed(seed)
+        item["image"] = self.transform(tensor)
+        return item
 
     def _role_items(self, role: int, first_block: int, tally: SkipTally) -> Iterator[tuple[int, Any]]:
         """Yield ``(position, raw sample or None)`` of role ``role`` from block ``first_block`` on, shuffled."""
@@ -299,6 +247,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         if self.train:
+            self._load_epoch()
             if info is not None:
                 # DataLoader worker i serves batches i, i + workers, ... from the resume step on.
                 yield from self._role_batches((info.id + self.start_step) % self.workers)
@@ -327,23 +276,35 @@ class ShardStream(IterableDataset):
         """Stack ``items``; an unusable one (``None``) is a zero-weight copy of a usable one."""
         valid = [it for it in items if it is not None]
         size, zeros = self.image_size, [0.0] * self.num_attributes
-        filler = valid[0] if valid else {"image": torch.zeros(3, size, size), "label": 0, "attributes": zeros}
+        blank = torch.zeros(3, size, size, dtype=torch.uint8)
+        filler = valid[0] if valid else {"image": blank, "label": 0, "attributes": zeros}
         filled = [it if it is not None else filler for it in items]
         images = [it["image"] for it in filled]
         return {
             "keys": [it["key"] for it in valid],
-            "image": torch.stack(images) if images else torch.zeros(0, 3, size, size),
+            "image": torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8),
             "label": torch.tensor([it["label"] for it in filled], dtype=torch.long),
             "attributes": torch.tensor([it["attributes"] for it in filled], dtype=torch.float32).view(-1, len(zeros)),
             "attr_mask": torch.tensor([it["attr_mask"] if it else zeros for it in items]).view(-1, len(zeros)),
             "weight": torch.tensor([1.0 if it is not None else 0.0 for it in items]),
             "skipped": tally.take(),
+            **self._device_decoding(filled),
         }
 
+    def _device_decoding(self, filled: list[dict[str, Any]]) -> dict[str, Any]:
+        """The JPEG bytes and augmentation seeds the device decodes (``decode_device``), if any."""
+        if self.decode_device == "cpu":
+            return {}
+        return {"jpeg": [it.get("jpeg") for it in filled], "seeds": [it["seed"] for it in filled]}
 
-def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """Wrap a stream in a DataLoader that batches in its workers (``batch_size=None``).
 
+    Workers persist across passes (no re-fork per epoch or evaluation): call
+    ``stream.set_epoch`` before each pass. Each worker keeps ``prefetch_factor`` batches ready:
+    4 when there are fewer than 4 workers, else 2 — about 8 batches in flight either way, enough
+    to hide the jitter of decoding without holding much memory (``pin_memory`` for a GPU).
     The loader draws its worker seeds from a generator of its own, not from the global RNG, so
     starting a loader mid-epoch (a resume) leaves the training RNG where an uninterrupted run
     has it; augmentation is seeded per sample anyway.
@@ -352,7 +313,8 @@ def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
         stream,
         batch_size=None,
         num_workers=num_workers,
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=(4 if num_workers < 4 else 2) if num_workers > 0 else None,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(stream.seed),
     )
