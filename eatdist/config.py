@@ -51,6 +51,15 @@ class DataConfig:
     # 1.0 keeps the whole image (the synthetic "size" attribute is relative to the frame);
     # real photos usually train with 0.35 or lower.
     crop_scale_min: float = 1.0
+    # "auto": JPEGs at least twice the input size decode at a reduced scale (PIL draft), others
+    # through torchvision.io.decode_jpeg; "pil": PIL at full size for everything.
+    decoder: Literal["auto", "pil"] = "auto"
+    # "cuda": loader workers send JPEG bytes and the GPU decodes them (nvJPEG via torchvision)
+    # with the resize, crop and flip; for hosts with few cores per GPU.
+    decode_device: Literal["cpu", "cuda"] = "cpu"
+    # Retries (exponential backoff from 0.5 s) when opening or reading a shard fails; a read
+    # resumes at the sample where it failed. A shard that still fails is skipped and counted.
+    retries: int = 3
 
 
 @dataclass
@@ -107,6 +116,9 @@ class TrainConfig:
     explain_split: str | None = None
     # Each rank writes the keys it trained on per epoch (ranks/keys-*.txt): a data-split audit.
     record_keys: bool = False
+    # A checkpoint every N optimizer steps (0: at epoch ends only), and how many to keep.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -117,6 +129,15 @@ class ExplainConfig:
     batch_size: int = 64
     overlay_format: Literal["jpg", "png"] = "jpg"
     overlay_alpha: float = 0.5
+    # DataLoader processes that read, decode and transform; 0 does it in the main process.
+    num_workers: int = 2
+    # Batches waiting for the writer thread: bounds memory while the device runs ahead.
+    queue_batches: int = 4
+    # Seconds without a heartbeat after which another process takes a shard's claim over.
+    lease_s: float = 60.0
+    # On a GPU: bfloat16 autocast for the forward, channels_last memory layout.
+    bf16: bool = False
+    channels_last: bool = False
 
 
 @dataclass
@@ -199,6 +220,19 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str) -> None:
             setattr(obj, name, _coerce(value, hints[name], key))
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Return ', line L, column C: problem' for a YAML error (one line, 1-based like editors)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if context and context_mark is not None:
+        context += f" started at line {context_mark.line + 1}, column {context_mark.column + 1}"
+    what = f"{problem} ({context})" if context else problem
+    return f"{where}: not valid YAML: " + " ".join(what.split())
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``section.key=value`` into the dotted key and the YAML-parsed value.
 
@@ -211,7 +245,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override '{text}': value is{_yaml_problem(exc).split(':', 1)[1]}") from None
     return key.strip(), value
 
 
@@ -233,11 +267,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {p}{_yaml_problem(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections")
         _apply(cfg, data, "")

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from eatdist import dist
 from eatdist.config import Config, save_config
 from eatdist.data.corpus import DatasetInfo, load_dataset_info
+from eatdist.data.decode import decode_on_device
 from eatdist.data.pipeline import ShardStream, make_loader
 from eatdist.data.plan import Phase
 from eatdist.data.remote import redact
@@ -79,6 +81,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': must be at least 1, got {value}")
     if cfg.data.num_workers < 0:
         raise ConfigError("config key 'data.num_workers': must be >= 0")
+    if cfg.data.decode_device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'data.decode_device': 'cuda' needs a GPU; none is visible")
     if cfg.train.checkpoint_every < 0:
         raise ConfigError("config key 'train.checkpoint_every': must be >= 0 (0: at epoch ends only)")
     if cfg.train.keep_checkpoints < 1:
@@ -121,6 +125,8 @@ class Trainer:
             num_workers=cfg.data.num_workers,
             seed=cfg.train.seed,
             retries=cfg.data.retries,
+            decoder=cfg.data.decoder,
+            decode_device=cfg.data.decode_device,
         )
         self.train_data = ShardStream(
             self.info,
@@ -164,6 +170,8 @@ class Trainer:
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, acc)
         self.watch = PreemptionWatch(distributed=acc.num_processes > 1 and torch.distributed.is_initialized())
         self.logger: MetricsLogger | None = None
+        self._train_batches: DataLoader | None = None
+        self._eval_batches_by_split: dict[str, DataLoader] = {}
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -266,14 +274,64 @@ class Trainer:
         if self.cfg.train.record_keys and path.is_file():
             self.keys = path.read_text().splitlines()[: self.epoch_step]
 
-    # ----------------------------------------------------------------------------- steps
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+    # ----------------------------------------------------------------------------- data
+    def _loader(self, stream: ShardStream) -> DataLoader:
+        pin = self.accelerator.device.type == "cuda"  # pinned host memory: the copy overlaps compute
+        return make_loader(stream, self.cfg.data.num_workers, pin_memory=pin)
+
+    def _train_loader(self) -> DataLoader:
+        """The training loader, made once: its workers persist across epochs (see make_loader)."""
+        if self._train_batches is None:
+            self._train_batches = self._loader(self.train_data)
+        return self._train_batches
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """The loader of an evaluation split, made on first use and kept (persistent workers)."""
+        if split not in self._eval_batches_by_split:
+            acc = self.accelerator
+            stream = ShardStream(
+                self.info,
+                split,
+                train=False,
+                preprocess=self.preprocess,
+                batch_size=self.cfg.data.batch_size,
+                rank=acc.process_index,
+                world=acc.num_processes,
+                num_workers=self.cfg.data.num_workers,
+                seed=self.cfg.train.seed,
+                retries=self.cfg.data.retries,
+                decoder=self.cfg.data.decoder,
+                decode_device=self.cfg.data.decode_device,
+            )
+            self._eval_batches_by_split[split] = self._loader(stream)
+        return self._eval_batches_by_split[split]
+
+    def _to_device(self, batch: dict[str, Any], stream: ShardStream | None = None) -> dict[str, Any]:
+        """Move a batch to the device; its uint8 images are decoded (``data.decode_device``) and
+        normalised there."""
         device = self.accelerator.device
         out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if batch.get("jpeg") is not None:
+            self._decode_on_device(out, stream or self.train_data)
         memory_format = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
-        out["image"] = out["image"].to(dtype=self.input_dtype, memory_format=memory_format)
+        image = self.preprocess.normalize(out["image"], self.input_dtype)
+        out["image"] = image.contiguous(memory_format=memory_format)
         return out
 
+    def _decode_on_device(self, out: dict[str, Any], stream: ShardStream) -> None:
+        """Put the device-decoded JPEGs into the batch; one the decoder refuses gets weight 0."""
+        slots = [i for i, jpeg in enumerate(out["jpeg"]) if jpeg is not None]
+        decoded = decode_on_device(
+            [out["jpeg"][i] for i in slots], [out["seeds"][i] for i in slots], stream.transform,
+            self.accelerator.device, stream.train,
+        )  # fmt: skip
+        for i, image in zip(slots, decoded, strict=True):
+            if image is None:
+                out["weight"][i] = 0.0
+            else:
+                out["image"][i] = image
+
+    # ----------------------------------------------------------------------------- steps
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """Run one micro-batch forward/backward (an optimizer update every ``grad_accum``).
 
@@ -321,7 +379,7 @@ class Trainer:
         self.sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
         window = torch.zeros(2, dtype=torch.float64, device=acc.device)
         start, images = time.time(), 0
-        loader = make_loader(self.train_data, cfg.data.num_workers)
+        loader = self._train_loader()
         try:
             for _, batch in zip(range(steps - self.epoch_step), loader, strict=False):
                 images += self._run_step(batch, window)
@@ -381,29 +439,18 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, float]:
         """Return class top-1 and attribute accuracy on ``split``, each sample counted once."""
         acc = self.accelerator
-        stream = ShardStream(
-            self.info,
-            split,
-            train=False,
-            preprocess=self.preprocess,
-            batch_size=self.cfg.data.batch_size,
-            rank=acc.process_index,
-            world=acc.num_processes,
-            num_workers=self.cfg.data.num_workers,
-            seed=self.cfg.train.seed,
-            retries=self.cfg.data.retries,
-        )
         model: EATModel = acc.unwrap_model(self.model)
         self._sync_buffers(model)
         model.eval()
         sums = torch.zeros(5, dtype=torch.float64, device=acc.device)
-        for batch in self._eval_batches(make_loader(stream, self.cfg.data.num_workers)):
+        loader = self._eval_loader(split)
+        for batch in self._eval_batches(loader):
             sums[4] += int(batch.pop("skipped"))
             if not batch["keys"]:
                 if zero_stage(acc) == 3:  # keep the parameter all-gathers in step with busy ranks
                     model(self._dummy_input())
                 continue
-            batch = self._to_device(batch)
+            batch = self._to_device(batch, loader.dataset)
             with acc.autocast():
                 out = model(batch["image"])
             mask = batch["attr_mask"]
