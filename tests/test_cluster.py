@@ -138,6 +138,7 @@ def test_two_simulated_nodes_train_and_explain(tmp_path, corpus):
     inputs = sorted(corpus.root.glob("*.tar"))
     reports = {p.name: json.loads((expl / "_reports" / f"{p.name}.json").read_text()) for p in inputs}
     by_rank = Counter(r["rank"] for r in reports.values())
-    assert set(by_rank) == {0, 1} and sum(by_rank.values()) == len(inputs)  # each shard by exactly one rank
+    # each shard by exactly one process; which process takes which is claimed at run time
+    assert set(by_rank) <= {0, 1} and sum(by_rank.values()) == len(inputs)
     counts = Counter(s["__key__"] for p in sorted(expl.glob("*.tar")) for s in iter_shard(p))
     assert set(counts) == {s["__key__"] for p in inputs for s in iter_shard(p)} and set(counts.values()) == {1}

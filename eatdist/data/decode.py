@@ -166,7 +166,7 @@ def decode_on_device(
             out.append(None if image is None else transform(image))
             continue
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator alone: cheap
             out.append(transform(image))
     return out
 

@@ -199,7 +199,7 @@ class ShardStream(IterableDataset):
             item["image"], item["jpeg"] = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), jpeg
             return item
         if self.train:  # augmentation drawn from the sample's own seed: resumable, order-free
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator alone: cheap
         item["image"] = self.transform(tensor)
         return item
 

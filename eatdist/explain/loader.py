@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from eatdist.data.pipeline import BadSample, decode_image
+from eatdist.data.shardindex import load_index
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
 
@@ -98,6 +99,38 @@ class ShardChunks(IterableDataset):
             return
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        try:
+            index = load_index(url) if workers > 1 else None
+        except DataError:
+            index = None  # the sequential read below meets the same error and reports it
+        if index is not None and not index.truncated:
+            yield from self._own_chunks(url, worker, workers, index.count)
+            return
+        yield from self._all_chunks(url, worker, workers)
+
+    def _own_chunks(self, url: str, worker: int, workers: int, count: int) -> Iterator[Chunk]:
+        """Read only this worker's chunks, each straight from its first sample (the shard's index):
+        over a network every byte of the shard is fetched once, whatever the worker count."""
+        size = self.batch_size
+        for index in range(worker, (count + size - 1) // size, workers):
+            chunk, tensors, started = Chunk(index), [], time.perf_counter()
+            read = index * size
+            try:
+                for sample in iter_shard(url, read, min(count, read + size)):
+                    read += 1
+                    tensor = self._decode(chunk, sample)
+                    if tensor is not None:
+                        tensors.append(tensor)
+            except DataError as exc:  # the shard changed or vanished since its index was read
+                chunk.error = str(exc)
+            chunk.pixels = torch.stack(tensors) if tensors else None
+            chunk.read, chunk.decode_s = read, time.perf_counter() - started
+            yield chunk
+            if chunk.error:
+                return
+
+    def _all_chunks(self, url: str, worker: int, workers: int) -> Iterator[Chunk]:
+        """Read the shard from its start, decoding only this worker's chunks (no index at hand)."""
         size = self.batch_size
         chunk, tensors, read, started = None, [], 0, time.perf_counter()
 
