@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -28,9 +29,11 @@ from eatdist.data.pipeline import ShardStream, make_loader
 from eatdist.data.plan import Phase
 from eatdist.data.remote import redact
 from eatdist.errors import ConfigError
+from eatdist.metrics.attributes import attribute_table, summary_line
 from eatdist.models.eat import EATModel, eat_loss
 from eatdist.models.package import PackageMeta, backbone_preprocess, build_model, save_package
 from eatdist.train.checkpoint import CheckpointStore
+from eatdist.train.ema import WeightAverage
 from eatdist.train.metrics import MetricsLogger
 from eatdist.train.preempt import EXIT_PREEMPTED, PreemptionWatch
 from eatdist.train.scale import (
@@ -41,19 +44,29 @@ from eatdist.train.scale import (
     uses_deepspeed,
     zero_stage,
 )
-from eatdist.train.schedule import warmup_cosine
+from eatdist.train.schedule import build_optimizer, build_scheduler, current_lr
+from eatdist.train.tracking import TENSORBOARD_DIR, log_images, start_trackers, tracker_names
 
 log = logging.getLogger(__name__)
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    """Return the Accelerator for a run: gloo where there is no CUDA (CPU clusters, laptops)."""
+    """Return the Accelerator for a run: gloo where there is no CUDA (CPU clusters, laptops), the
+    trackers of ``train.log_with`` writing under the run folder.
+
+    Raises:
+        ConfigError: for an unknown or uninstalled tracker.
+    """
     several = dist.world_size() > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
+    run_dir = Path(cfg.train.output_dir)
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TENSORBOARD_DIR))
     return Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=cfg.train.mixed_precision,
         kwargs_handlers=handlers,
+        log_with=tracker_names(cfg.train) or None,
+        project_config=project,
     )
 
 
@@ -87,6 +100,32 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.checkpoint_every': must be >= 0 (0: at epoch ends only)")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError("config key 'train.keep_checkpoints': must be at least 1")
+    if cfg.train.log_images < 0:
+        raise ConfigError("config key 'train.log_images': must be >= 0")
+    if not 0.0 <= cfg.loss.label_smoothing < 1.0:
+        raise ConfigError(f"config key 'loss.label_smoothing': must be in [0, 1), got {cfg.loss.label_smoothing}")
+    best_metric(cfg)
+
+
+# What evaluate() reports per split, as ``<split>_<name>``; a loss is better when lower.
+EVAL_METRICS = ("top1", "attr_acc", "loss", "attr_mean_ap", "attr_mean_auc")
+
+
+def best_metric(cfg: Config) -> tuple[str, bool] | None:
+    """Return (the validation metric ``train.keep_best`` names, whether higher is better), or None.
+
+    ``top1`` is accepted for ``<val_split>_top1``. Raises:
+        ConfigError: for a name evaluate() does not report.
+    """
+    name = cfg.train.keep_best
+    if not name:
+        return None
+    split = cfg.data.val_split
+    known = [f"{split}_{m}" for m in EVAL_METRICS]
+    full = name if name in known else f"{split}_{name}"
+    if full not in known:
+        raise ConfigError(f"config key 'train.keep_best': unknown metric '{name}' (choose from {', '.join(known)})")
+    return full, not full.endswith("_loss")
 
 
 class Trainer:
@@ -139,17 +178,15 @@ class Trainer:
         )
         self.steps_per_epoch = self.train_data.steps
         self.updates_per_epoch = max(1, self.steps_per_epoch // cfg.train.grad_accum)
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=scaled_lr(cfg, acc.num_processes),
-        )
-        total_updates = self.updates_per_epoch * cfg.train.epochs
-        warmup = min(total_updates, max(1, round(cfg.optim.warmup_epochs * self.updates_per_epoch)))
-        self.scheduler = warmup_cosine(optimizer, warmup, total_updates, cfg.optim.min_lr_ratio)
+        optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg, acc.num_processes))
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.updates_per_epoch, cfg.train.epochs)
         configure_deepspeed(acc, cfg)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.ema: WeightAverage | None = None
+        if cfg.train.ema:
+            if zero_stage(acc) == 3:
+                raise ConfigError("config key 'train.ema': not supported with DeepSpeed ZeRO-3 (partitioned weights)")
+            self.ema = WeightAverage(acc.unwrap_model(self.model), cfg.train.ema_decay, cfg.train.ema_warmup, acc)
         if cfg.train.compile:
             if uses_deepspeed(acc):
                 raise ConfigError("config key 'train.compile': not supported together with DeepSpeed")
@@ -167,6 +204,11 @@ class Trainer:
         self.skipped_train = 0
         self.epoch_steps: list[int] = []  # steps per rank of each finished epoch
         self.last_metrics: dict[str, Any] = {}
+        # Per-attribute tables of the latest evaluation of each split (final_metrics.json).
+        self.attribute_tables: dict[str, Any] = {}
+        self.best: dict[str, Any] = {"value": None, "epoch": 0}  # train.keep_best so far
+        self.mlflow_run_id: str | None = None
+        self._preview: list[Any] | None = None  # validation images explained for the trackers
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, acc)
         self.watch = PreemptionWatch(distributed=acc.num_processes > 1 and torch.distributed.is_initialized())
         self.logger: MetricsLogger | None = None
@@ -194,6 +236,9 @@ class Trainer:
             "skipped_train": self.skipped_train,
             "epoch_steps": self.epoch_steps,
             "last_metrics": self.last_metrics,
+            "attribute_tables": self.attribute_tables,
+            "best": self.best,
+            "mlflow_run_id": self.mlflow_run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -207,6 +252,9 @@ class Trainer:
         self.skipped_train = int(state.get("skipped_train", 0))
         self.epoch_steps = [int(n) for n in state.get("epoch_steps", [])]
         self.last_metrics = dict(state.get("last_metrics", {}))
+        self.attribute_tables = dict(state.get("attribute_tables", {}))
+        self.best = dict(state.get("best", {"value": None, "epoch": 0}))
+        self.mlflow_run_id = state.get("mlflow_run_id")
         saved = Phase.from_json(state["phase"]) if "phase" in state else self.train_data.phase
         if self.epoch_step and saved.layout() != self.train_data.phase.layout():
             # Another world size or worker count: close the interrupted phase, plan the rest anew.
@@ -349,6 +397,7 @@ class Trainer:
                 cfg.loss.attr_weight,
                 cfg.loss.attr_loss,
                 weight=batch["weight"],
+                label_smoothing=cfg.loss.label_smoothing,
             )
             acc.backward(loss)
             if acc.sync_gradients:
@@ -357,8 +406,10 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients:
-                self.scheduler.step()
                 self.global_step += 1
+                self.scheduler.step_update(self.global_step)
+                if self.ema is not None:
+                    self.ema.update(acc.unwrap_model(self.model), self.global_step)
         return loss.detach()
 
     def train_epoch(self) -> dict[str, float] | None:
@@ -421,7 +472,7 @@ class Trainer:
         cfg = self.cfg
         if self.global_step % cfg.train.log_every == 0:
             # The only host sync of the loop: the mean loss of the steps since the last log.
-            mean, lr = float(window[0] / window[1]), self.scheduler.get_last_lr()[0]
+            mean, lr = float(window[0] / window[1]), current_lr(self.scheduler.optimizer)
             window.zero_()
             bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.2e}")
             if self.logger is not None:
@@ -435,14 +486,27 @@ class Trainer:
             self.save()
         return False
 
+    def eval_model(self) -> EATModel:
+        """Return the model that is evaluated and exported: the weight average with ``train.ema``."""
+        if self.ema is not None:
+            return self.ema.module  # type: ignore[return-value]
+        return self.accelerator.unwrap_model(self.model)
+
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
-        """Return class top-1 and attribute accuracy on ``split``, each sample counted once."""
-        acc = self.accelerator
-        model: EATModel = acc.unwrap_model(self.model)
+        """Return class top-1, attribute accuracy, loss, and mean attribute AP and AUC on ``split``.
+
+        Each sample is counted once. The per-attribute table (see
+        :func:`eatdist.metrics.attributes.attribute_table`) goes to ``self.attribute_tables[split]``;
+        its scores are gathered from every rank, so every rank computes the same table.
+        """
+        acc, cfg = self.accelerator, self.cfg
+        model = self.eval_model()
         self._sync_buffers(model)
         model.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=acc.device)
+        # correct, samples, attribute hits, annotated entries, skipped, class CE, attribute loss
+        sums = torch.zeros(7, dtype=torch.float64, device=acc.device)
+        rows: list[torch.Tensor] = []  # per sample: attribute probabilities, labels, mask
         loader = self._eval_loader(split)
         for batch in self._eval_batches(loader):
             sums[4] += int(batch.pop("skipped"))
@@ -453,20 +517,46 @@ class Trainer:
             batch = self._to_device(batch, loader.dataset)
             with acc.autocast():
                 out = model(batch["image"])
-            mask = batch["attr_mask"]
+            mask, n = batch["attr_mask"], len(batch["keys"])
             predicted = (out.attr_logits.float() > 0).float()
             truth = (batch["attributes"] > 0.5).float()
             sums[0] += (out.class_logits.argmax(1) == batch["label"]).sum()
-            sums[1] += len(batch["keys"])
+            sums[1] += n
             sums[2] += ((predicted == truth).float() * mask).sum()
             sums[3] += mask.sum()
+            _, parts = eat_loss(out, batch["label"], batch["attributes"], mask, 0.0, cfg.loss.attr_loss)
+            sums[5] += parts["ce"] * n
+            sums[6] += parts["attr"] * mask.sum()
+            rows.append(torch.cat([out.attr_logits.float().sigmoid(), batch["attributes"].float(), mask.float()], 1))
         sums = acc.reduce(sums, "sum")
+        table = self._attribute_table(rows)
+        self.attribute_tables[split] = table
+        samples, annotated = sums[1].clamp(min=1), sums[3].clamp(min=1)
         return {
-            f"{split}_top1": float(sums[0] / sums[1].clamp(min=1)),
-            f"{split}_attr_acc": float(sums[2] / sums[3].clamp(min=1)),
+            f"{split}_top1": float(sums[0] / samples),
+            f"{split}_attr_acc": float(sums[2] / annotated),
+            f"{split}_loss": float(sums[5] / samples + cfg.loss.attr_weight * sums[6] / annotated),
+            f"{split}_attr_mean_ap": table["mean_ap"],
+            f"{split}_attr_mean_auc": table["mean_auc"],
             f"{split}_samples": int(sums[1]),
             f"{split}_skipped": int(sums[4]),
         }
+
+    def _attribute_table(self, rows: list[torch.Tensor]) -> dict[str, Any]:
+        """Gather every rank's per-sample attribute rows and return the per-attribute table."""
+        acc, a = self.accelerator, self.info.num_attributes
+        local = torch.cat(rows) if rows else torch.zeros(0, 3 * a, device=acc.device)
+        if acc.num_processes > 1:
+            # Ranks hold different numbers of samples: pad to the longest, gather, cut the padding.
+            counts = acc.gather(torch.tensor([local.shape[0]], device=acc.device)).tolist()
+            padded = acc.pad_across_processes(local, dim=0)
+            width = padded.shape[0]
+            everything = acc.gather(padded)
+            local = torch.cat([everything[r * width : r * width + n] for r, n in enumerate(counts)])
+        data = local.cpu().numpy().astype(np.float64)
+        return attribute_table(
+            data[:, :a], data[:, a : 2 * a], data[:, 2 * a :], self.info.attributes, self.info.attribute_groups
+        )
 
     def _eval_batches(self, loader: Any) -> Any:
         """Yield the loader's batches; under ZeRO-3 also empty ones until every rank is done.
@@ -516,15 +606,16 @@ class Trainer:
             acc.print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from scratch")
         # A resumed run (or a rerun of one killed before its first checkpoint) drops the records
         # logged after the step it continues from.
-        self.logger = MetricsLogger(
-            self.run_dir, enabled=acc.is_main_process, resume_step=self.global_step if resume else None
-        )
+        resume_step = self.global_step if resume else None
+        self.mlflow_run_id = start_trackers(acc, cfg, resume_step, self.mlflow_run_id)
+        self.logger = MetricsLogger(self.run_dir, enabled=acc.is_main_process, resume_step=resume_step, accelerator=acc)
         acc.print(
             f"training {cfg.model.backbone} on {self.info.name}: {self.info.num_samples(cfg.data.train_split)} "
             f"images, {acc.num_processes} process(es), {self.steps_per_epoch} steps/epoch per process"
             + (f"; resumed at epoch {self.epoch + 1}, step {self.global_step}" if resumed else "")
         )
         metrics: dict[str, Any] = dict(self.last_metrics)
+        val = cfg.data.val_split
         while self.epoch < cfg.train.epochs:
             epoch_metrics = self.train_epoch()
             if epoch_metrics is None:
@@ -533,37 +624,114 @@ class Trainer:
                     f"continue with 'eatdist train ... --resume' (exit code {EXIT_PREEMPTED})"
                 )
                 return None
-            metrics = epoch_metrics
-            metrics.update(self.evaluate(cfg.data.val_split))
+            metrics = {**epoch_metrics, "lr": current_lr(self.scheduler.optimizer)}
+            metrics.update(self.evaluate(val))
             self.epoch += 1
             self.phases, self.epoch_step, self.epoch_base, self.keys = [], 0, [0.0, 0.0, 0.0], []
             del self.sums
             self.last_metrics = dict(metrics)
             self.logger.log("epoch", self.global_step, {"epoch": self.epoch, **metrics})
+            self._log_explained_images()
             acc.print(
-                f"epoch {self.epoch}: loss {metrics['train_loss']:.4f}  "
-                f"val top-1 {metrics[f'{cfg.data.val_split}_top1']:.4f}  "
-                f"val attr acc {metrics[f'{cfg.data.val_split}_attr_acc']:.4f}"
+                f"epoch {self.epoch}: loss {metrics['train_loss']:.4f}  val loss {metrics[f'{val}_loss']:.4f}  "
+                f"val top-1 {metrics[f'{val}_top1']:.4f}  val attr acc {metrics[f'{val}_attr_acc']:.4f}"
             )
+            self._keep_best(metrics)
             self.save()
         if cfg.train.final_test and cfg.data.test_split and cfg.data.test_split in self.info.splits:
             test = self.evaluate(cfg.data.test_split)
             self.logger.log("test", self.global_step, test)
             metrics.update(test)
         metrics["train_skipped_total"] = self.skipped_train
+        if self.best["value"] is not None:
+            metrics["best_epoch"] = self.best["epoch"]
+        metrics["attribute_metrics"] = self.attribute_tables
         self.export(metrics)
+        self._print_summary(metrics)
         self._write_rank_report()
         return metrics
 
-    def export(self, metrics: dict[str, Any]) -> Path:
-        """Write the model package to ``<run>/model`` and the final metrics next to it.
+    def _print_summary(self, metrics: dict[str, Any]) -> None:
+        """Print the final scores: test (else validation) top-1, attribute accuracy, worst and best attributes."""
+        cfg = self.cfg
+        split = cfg.data.test_split if f"{cfg.data.test_split}_top1" in metrics else cfg.data.val_split
+        if f"{split}_top1" not in metrics:
+            return
+        self.accelerator.print(
+            f"{split}: top-1 {metrics[f'{split}_top1']:.4f}  attribute accuracy {metrics[f'{split}_attr_acc']:.4f}"
+            f"  ({metrics[f'{split}_samples']} images)"
+        )
+        if split in self.attribute_tables:
+            self.accelerator.print(f"{split} attributes: {summary_line(self.attribute_tables[split])}")
 
-        The weights are the whole model (gathered from all ranks under ZeRO-3), in float32, in a
-        fresh model: loading the package needs neither DeepSpeed nor the training config.
+    def _keep_best(self, metrics: dict[str, Any]) -> None:
+        """Export ``<run>/model_best`` when this epoch beats the best so far on ``train.keep_best``."""
+        chosen = best_metric(self.cfg)
+        if chosen is None:
+            return
+        name, higher = chosen
+        value, best = metrics.get(name), self.best["value"]
+        if value is None:
+            return
+        if best is None or (value > best if higher else value < best):
+            self.best = {"value": value, "epoch": self.epoch, "metric": name}
+            self.export({**metrics, "epoch": float(self.epoch)}, folder="model_best")
+            self.accelerator.print(f"best {name} so far ({value:.4f}): {self.run_dir / 'model_best'}")
+
+    def _log_explained_images(self) -> None:
+        """Explain a few validation images with the current model and log their overlays to the trackers."""
+        acc, n = self.accelerator, self.cfg.train.log_images
+        if not n or not acc.is_main_process or not acc.trackers or zero_stage(acc) == 3:
+            return
+        from eatdist.api import ExplainedModel
+        from eatdist.data.pipeline import decode_image
+        from eatdist.data.shards import iter_shard
+
+        if self._preview is None:
+            self._preview = []
+            for path in self.info.shard_paths(self.cfg.data.val_split):
+                for sample in iter_shard(path):
+                    try:
+                        self._preview.append(decode_image(sample))
+                    except Exception:  # an undecodable sample: skip it, the next one will do
+                        continue
+                    if len(self._preview) >= n:
+                        break
+                if len(self._preview) >= n:
+                    break
+        model = self.eval_model()
+        explainer = ExplainedModel(model, self._package_meta({}), acc.device)
+        overlays = [np.asarray(result.overlay()) for result in explainer.explain(self._preview)]
+        log_images(acc, "val/explained", overlays, self.global_step)
+
+    def _package_meta(self, metrics: dict[str, Any]) -> PackageMeta:
+        cfg = self.cfg
+        return PackageMeta(
+            backbone=cfg.model.backbone,
+            backbone_args=dict(cfg.model.backbone_args),
+            head_hidden=cfg.model.head_hidden,
+            classes=self.info.classes,
+            attributes=self.info.attributes,
+            attribute_groups=self.info.attribute_groups,
+            class_attributes=self.info.class_attributes,
+            preprocess=self.preprocess.to_json(),
+            dataset=self.info.name,
+            metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
+        )
+
+    def export(self, metrics: dict[str, Any], folder: str = "model") -> Path:
+        """Write the model package to ``<run>/<folder>`` (and, for ``model``, the final metrics next to it).
+
+        The weights are the evaluated model's (the weight average with ``train.ema``; else the
+        whole model, gathered from all ranks under ZeRO-3), in float32, in a fresh model: loading
+        the package needs neither DeepSpeed nor the training config.
         """
         acc = self.accelerator
-        path = self.run_dir / "model"
-        state = acc.get_state_dict(self.model)  # a collective under ZeRO-3
+        path = self.run_dir / folder
+        if self.ema is not None:
+            state = self.ema.state_dict()
+        else:
+            state = acc.get_state_dict(self.model)  # a collective under ZeRO-3
         if acc.is_main_process:
             cfg = self.cfg
             model = build_model(
@@ -573,21 +741,10 @@ class Trainer:
             # torch.compile's wrapper prefixes every name with _orig_mod.
             state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-            meta = PackageMeta(
-                backbone=self.cfg.model.backbone,
-                backbone_args=dict(self.cfg.model.backbone_args),
-                head_hidden=self.cfg.model.head_hidden,
-                classes=self.info.classes,
-                attributes=self.info.attributes,
-                attribute_groups=self.info.attribute_groups,
-                class_attributes=self.info.class_attributes,
-                preprocess=self.preprocess.to_json(),
-                dataset=self.info.name,
-                metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
-            )
-            save_package(path, model, meta)
-            (self.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
-            acc.print(f"model package: {path}")
+            save_package(path, model, self._package_meta(metrics))
+            if folder == "model":
+                (self.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
+                acc.print(f"model package: {path}" + (" (EMA weights)" if self.ema is not None else ""))
         acc.wait_for_everyone()
         return path
 

@@ -1,0 +1,160 @@
+"""Per-attribute metrics: accuracy, average precision and ROC AUC, and their means per group.
+
+Pure functions over host arrays of a whole split (``[N, A]`` probabilities, labels and the
+annotation mask), so they give the same numbers in the trainer (after gathering every rank's
+scores) and in ``eatdist evaluate``. An entry counts with the weight of its mask (1 = annotated,
+0 = left out); a label is positive above 0.5 and a prediction is positive above ``threshold``,
+as in the aggregate attribute accuracy, which is exactly ``correct / count`` of the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+DIGITS = 5
+
+
+def _curve(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted true- and false-positive totals at each distinct score, highest score first."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, y, w = scores[order], labels[order], weights[order]
+    # tied scores form one threshold: only the last index of each run of equal scores counts
+    ends = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tps = np.cumsum(y * w)[ends]
+    fps = np.cumsum((1.0 - y) * w)[ends]
+    return tps, fps
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """Return the average precision (sum over thresholds of recall gained times precision).
+
+    The step-wise definition of scikit-learn's ``average_precision_score``, with ties as one
+    threshold. Returns None when there is no positive of positive weight.
+    """
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
+    w = np.ones_like(scores) if weights is None else np.asarray(weights, np.float64)
+    keep = w > 0
+    if not keep.any():
+        return None
+    tps, fps = _curve(scores[keep], labels[keep], w[keep])
+    if tps[-1] <= 0:
+        return None
+    precision = tps / np.maximum(tps + fps, np.finfo(np.float64).tiny)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """Return the area under the ROC curve (ties count half, as in the Mann-Whitney statistic).
+
+    Returns None when the entries of positive weight hold only one class.
+    """
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
+    w = np.ones_like(scores) if weights is None else np.asarray(weights, np.float64)
+    keep = w > 0
+    if not keep.any():
+        return None
+    tps, fps = _curve(scores[keep], labels[keep], w[keep])
+    if tps[-1] <= 0 or fps[-1] <= 0:
+        return None
+    tpr, fpr = np.r_[0.0, tps / tps[-1]], np.r_[0.0, fps / fps[-1]]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, DIGITS)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return round(float(np.mean(defined)), DIGITS) if defined else None
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return round(num / den, DIGITS) if den > 0 else None
+
+
+def attribute_table(
+    probs: np.ndarray,
+    truth: np.ndarray,
+    mask: np.ndarray | None,
+    names: Sequence[str],
+    groups: Mapping[str, Sequence[int]] | None = None,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Return per-attribute and per-group metrics of ``probs`` against ``truth`` (both ``[N, A]``).
+
+    The result holds ``accuracy`` (pooled over all annotated entries: ``correct / count``),
+    ``mean_ap`` and ``mean_auc`` (means over the attributes where they are defined), and the
+    tables ``attributes`` (one row per attribute: index, name, accuracy, ap, auc, positives,
+    correct, count) and ``groups`` (one row per group of ``groups``: its attributes pooled the
+    same way). ``correct`` and ``count`` are mask-weighted sums, so the rows add up to the totals.
+    Raises:
+        ValueError: when the shapes disagree with each other or with ``names``.
+    """
+    probs = np.asarray(probs, np.float64).reshape(-1, len(names))
+    truth = np.asarray(truth, np.float64).reshape(probs.shape)
+    weights = np.ones_like(probs) if mask is None else np.asarray(mask, np.float64).reshape(probs.shape)
+    positive = (truth > 0.5).astype(np.float64)
+    correct = ((probs > threshold) == (positive > 0)) * weights
+    rows: list[dict[str, Any]] = []
+    for a, name in enumerate(names):
+        w = weights[:, a]
+        rows.append(
+            {
+                "index": a,
+                "name": name,
+                "accuracy": _ratio(float(correct[:, a].sum()), float(w.sum())),
+                "ap": _round(average_precision(probs[:, a], positive[:, a], w)),
+                "auc": _round(roc_auc(probs[:, a], positive[:, a], w)),
+                "positives": float((positive[:, a] * w).sum()),
+                "correct": float(correct[:, a].sum()),
+                "count": float(w.sum()),
+            }
+        )
+    group_rows = []
+    for group, members in (groups or {}).items():
+        chosen = [rows[i] for i in members if 0 <= i < len(rows)]
+        right, count = sum(r["correct"] for r in chosen), sum(r["count"] for r in chosen)
+        group_rows.append(
+            {
+                "name": group,
+                "attributes": len(chosen),
+                "accuracy": _ratio(right, count),
+                "mean_ap": _mean([r["ap"] for r in chosen]),
+                "mean_auc": _mean([r["auc"] for r in chosen]),
+                "correct": right,
+                "count": count,
+            }
+        )
+    total_correct, total = float(correct.sum()), float(weights.sum())
+    return {
+        "accuracy": _ratio(total_correct, total),
+        "mean_ap": _mean([r["ap"] for r in rows]),
+        "mean_auc": _mean([r["auc"] for r in rows]),
+        "correct": total_correct,
+        "count": total,
+        "attributes": rows,
+        "groups": group_rows,
+    }
+
+
+def ranked(table: Mapping[str, Any], n: int = 3, key: str = "accuracy") -> tuple[list[dict], list[dict]]:
+    """Return the ``n`` worst and ``n`` best attribute rows of ``table`` by ``key`` (rows without it left out)."""
+    rows = sorted((r for r in table["attributes"] if r.get(key) is not None), key=lambda r: (r[key], r["index"]))
+    return rows[:n], rows[::-1][:n]
+
+
+def summary_line(table: Mapping[str, Any], n: int = 3) -> str:
+    """Return one line: mean AP and AUC, then the worst and best attributes by accuracy."""
+
+    def listed(rows: list[dict]) -> str:
+        return ", ".join(f"{r['name']} {r['accuracy']:.3f}" for r in rows) or "-"
+
+    worst, best = ranked(table, n)
+    ap, auc = table.get("mean_ap"), table.get("mean_auc")
+    means = f"mean AP {ap:.4f}, mean AUC {auc:.4f}" if ap is not None and auc is not None else "AP/AUC undefined"
+    return f"{means}; worst attributes: {listed(worst)}; best: {listed(best)}"

@@ -1,0 +1,70 @@
+"""Per-attribute accuracy, AP and AUC: brute-force definitions, groups, sums equal to the aggregate."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from eatdist.metrics.attributes import attribute_table, average_precision, ranked, roc_auc, summary_line
+
+
+def brute_auc(scores, labels):
+    """P(score of a positive > score of a negative), ties counting half."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    wins = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def brute_ap(scores, labels):
+    """Sum over distinct thresholds t (high to low) of (recall gained at t) x precision at t."""
+    ap, last_recall = 0.0, 0.0
+    for t in sorted(set(scores), reverse=True):
+        chosen = scores >= t
+        tp = (labels[chosen] == 1).sum()
+        recall = tp / (labels == 1).sum()
+        ap += (recall - last_recall) * tp / chosen.sum()
+        last_recall = recall
+    return ap
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ap_and_auc_match_their_definitions_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, 40) / 5.0  # many ties
+    labels = (rng.random(40) < 0.3).astype(float)
+    labels[:2] = [0, 1]
+    assert roc_auc(scores, labels) == pytest.approx(brute_auc(scores, labels), abs=1e-12)
+    assert average_precision(scores, labels) == pytest.approx(brute_ap(scores, labels), abs=1e-12)
+
+
+def test_masked_entries_are_left_out_and_undefined_metrics_are_none():
+    scores = np.array([0.9, 0.8, 0.1, 0.7])
+    labels = np.array([1.0, 0.0, 0.0, 1.0])
+    mask = np.array([1.0, 1.0, 1.0, 0.0])
+    assert roc_auc(scores, labels, mask) == roc_auc(scores[:3], labels[:3]) == 1.0
+    assert average_precision(np.ones(3), np.zeros(3)) is None
+    assert roc_auc(np.ones(3), np.ones(3)) is None
+
+
+def test_table_rows_and_groups_add_up_to_the_aggregate_accuracy():
+    rng = np.random.default_rng(0)
+    n, a = 200, 6
+    truth = (rng.random((n, a)) < 0.4).astype(float)
+    probs = np.clip(truth * 0.6 + rng.random((n, a)) * 0.5, 0, 1)
+    mask = (rng.random((n, a)) < 0.9).astype(float)
+    names = [f"has {i}" for i in range(a)]
+    table = attribute_table(probs, truth, mask, names, {"even": [0, 2, 4], "odd": [1, 3, 5]})
+    aggregate = (((probs > 0.5) == (truth > 0.5)) * mask).sum() / mask.sum()
+    assert table["accuracy"] == pytest.approx(aggregate, abs=1e-5)
+    rows = table["attributes"]
+    assert sum(r["correct"] for r in rows) / sum(r["count"] for r in rows) == pytest.approx(aggregate, abs=1e-12)
+    assert sum(g["correct"] for g in table["groups"]) == pytest.approx(sum(r["correct"] for r in rows))
+    even = table["groups"][0]
+    assert even["mean_auc"] == pytest.approx(np.mean([rows[i]["auc"] for i in (0, 2, 4)]), abs=1e-5)
+    keep = mask[:, 1] > 0
+    assert rows[1]["auc"] == pytest.approx(brute_auc(probs[keep, 1], truth[keep, 1]), abs=1e-5)
+    worst, best = ranked(table, 2)
+    assert worst[0]["accuracy"] == min(r["accuracy"] for r in rows)
+    assert best[0]["accuracy"] == max(r["accuracy"] for r in rows)
+    line = summary_line(table)
+    assert "worst attributes: " + worst[0]["name"] in line and "mean AP" in line
