@@ -143,7 +143,7 @@ def eatdist_train(corpus: Path, backbone: str, image_size: int, batch: int, work
     try:
         wall, cpu = time.perf_counter(), cpu_seconds()
         assert trainer.train_epoch() is not None
-        trainer._train_batches = None  # the persistent workers exit, so their CPU time counts
+        trainer.batches.close()  # the persistent workers exit, so their CPU time counts
         time.sleep(0.2)
         images = trainer.steps_per_epoch * batch
         return images / (time.perf_counter() - wall), (cpu_seconds() - cpu) / images

@@ -18,22 +18,22 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from eatdist import dist
 from eatdist.config import Config, save_config
 from eatdist.data.corpus import DatasetInfo, load_dataset_info
-from eatdist.data.decode import decode_on_device
-from eatdist.data.pipeline import ShardStream, make_loader
+from eatdist.data.pipeline import ShardStream
 from eatdist.data.plan import Phase
 from eatdist.data.remote import redact
 from eatdist.errors import ConfigError
-from eatdist.metrics.attributes import attribute_table, summary_line
+from eatdist.metrics.attributes import summary_line
 from eatdist.models.eat import EATModel, eat_loss
 from eatdist.models.package import PackageMeta, backbone_preprocess, build_model, save_package
+from eatdist.train.batches import Batches
 from eatdist.train.checkpoint import CheckpointStore
 from eatdist.train.ema import WeightAverage
+from eatdist.train.evaluation import Evaluator
 from eatdist.train.metrics import MetricsLogger
 from eatdist.train.preempt import EXIT_PREEMPTED, PreemptionWatch
 from eatdist.train.scale import (
@@ -212,8 +212,8 @@ class Trainer:
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, acc)
         self.watch = PreemptionWatch(distributed=acc.num_processes > 1 and torch.distributed.is_initialized())
         self.logger: MetricsLogger | None = None
-        self._train_batches: DataLoader | None = None
-        self._eval_batches_by_split: dict[str, DataLoader] = {}
+        self.batches = Batches(cfg, self.info, self.preprocess, acc, self.train_data)
+        self.evaluator = Evaluator(cfg, self.info, acc, self.batches)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -322,63 +322,6 @@ class Trainer:
         if self.cfg.train.record_keys and path.is_file():
             self.keys = path.read_text().splitlines()[: self.epoch_step]
 
-    # ----------------------------------------------------------------------------- data
-    def _loader(self, stream: ShardStream) -> DataLoader:
-        pin = self.accelerator.device.type == "cuda"  # pinned host memory: the copy overlaps compute
-        return make_loader(stream, self.cfg.data.num_workers, pin_memory=pin)
-
-    def _train_loader(self) -> DataLoader:
-        """The training loader, made once: its workers persist across epochs (see make_loader)."""
-        if self._train_batches is None:
-            self._train_batches = self._loader(self.train_data)
-        return self._train_batches
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        """The loader of an evaluation split, made on first use and kept (persistent workers)."""
-        if split not in self._eval_batches_by_split:
-            acc = self.accelerator
-            stream = ShardStream(
-                self.info,
-                split,
-                train=False,
-                preprocess=self.preprocess,
-                batch_size=self.cfg.data.batch_size,
-                rank=acc.process_index,
-                world=acc.num_processes,
-                num_workers=self.cfg.data.num_workers,
-                seed=self.cfg.train.seed,
-                retries=self.cfg.data.retries,
-                decoder=self.cfg.data.decoder,
-                decode_device=self.cfg.data.decode_device,
-            )
-            self._eval_batches_by_split[split] = self._loader(stream)
-        return self._eval_batches_by_split[split]
-
-    def _to_device(self, batch: dict[str, Any], stream: ShardStream | None = None) -> dict[str, Any]:
-        """Move a batch to the device; its uint8 images are decoded (``data.decode_device``) and
-        normalised there."""
-        device = self.accelerator.device
-        out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if batch.get("jpeg") is not None:
-            self._decode_on_device(out, stream or self.train_data)
-        memory_format = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
-        image = self.preprocess.normalize(out["image"], self.input_dtype)
-        out["image"] = image.contiguous(memory_format=memory_format)
-        return out
-
-    def _decode_on_device(self, out: dict[str, Any], stream: ShardStream) -> None:
-        """Put the device-decoded JPEGs into the batch; one the decoder refuses gets weight 0."""
-        slots = [i for i, jpeg in enumerate(out["jpeg"]) if jpeg is not None]
-        decoded = decode_on_device(
-            [out["jpeg"][i] for i in slots], [out["seeds"][i] for i in slots], stream.transform,
-            self.accelerator.device, stream.train,
-        )  # fmt: skip
-        for i, image in zip(slots, decoded, strict=True):
-            if image is None:
-                out["weight"][i] = 0.0
-            else:
-                out["image"][i] = image
-
     # ----------------------------------------------------------------------------- steps
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """Run one micro-batch forward/backward (an optimizer update every ``grad_accum``).
@@ -430,7 +373,7 @@ class Trainer:
         self.sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
         window = torch.zeros(2, dtype=torch.float64, device=acc.device)
         start, images = time.time(), 0
-        loader = self._train_loader()
+        loader = self.batches.train()
         try:
             for _, batch in zip(range(steps - self.epoch_step), loader, strict=False):
                 images += self._run_step(batch, window)
@@ -458,7 +401,7 @@ class Trainer:
         skipped = int(batch.pop("skipped"))
         if self.cfg.train.record_keys:
             self.keys.append(" ".join(batch["keys"]))
-        loss = self.train_step(self._to_device(batch)).double()
+        loss = self.train_step(self.batches.to_device(batch, self.train_data, self.input_dtype)).double()
         self.epoch_step += 1
         self.sums[0] += loss
         self.sums[1] += 1
@@ -492,103 +435,10 @@ class Trainer:
             return self.ema.module  # type: ignore[return-value]
         return self.accelerator.unwrap_model(self.model)
 
-    @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
-        """Return class top-1, attribute accuracy, loss, and mean attribute AP and AUC on ``split``.
-
-        Each sample is counted once. The per-attribute table (see
-        :func:`eatdist.metrics.attributes.attribute_table`) goes to ``self.attribute_tables[split]``;
-        its scores are gathered from every rank, so every rank computes the same table.
-        """
-        acc, cfg = self.accelerator, self.cfg
-        model = self.eval_model()
-        self._sync_buffers(model)
-        model.eval()
-        # correct, samples, attribute hits, annotated entries, skipped, class CE, attribute loss
-        sums = torch.zeros(7, dtype=torch.float64, device=acc.device)
-        rows: list[torch.Tensor] = []  # per sample: attribute probabilities, labels, mask
-        loader = self._eval_loader(split)
-        for batch in self._eval_batches(loader):
-            sums[4] += int(batch.pop("skipped"))
-            if not batch["keys"]:
-                if zero_stage(acc) == 3:  # keep the parameter all-gathers in step with busy ranks
-                    model(self._dummy_input())
-                continue
-            batch = self._to_device(batch, loader.dataset)
-            with acc.autocast():
-                out = model(batch["image"])
-            mask, n = batch["attr_mask"], len(batch["keys"])
-            predicted = (out.attr_logits.float() > 0).float()
-            truth = (batch["attributes"] > 0.5).float()
-            sums[0] += (out.class_logits.argmax(1) == batch["label"]).sum()
-            sums[1] += n
-            sums[2] += ((predicted == truth).float() * mask).sum()
-            sums[3] += mask.sum()
-            _, parts = eat_loss(out, batch["label"], batch["attributes"], mask, 0.0, cfg.loss.attr_loss)
-            sums[5] += parts["ce"] * n
-            sums[6] += parts["attr"] * mask.sum()
-            rows.append(torch.cat([out.attr_logits.float().sigmoid(), batch["attributes"].float(), mask.float()], 1))
-        sums = acc.reduce(sums, "sum")
-        table = self._attribute_table(rows)
-        self.attribute_tables[split] = table
-        samples, annotated = sums[1].clamp(min=1), sums[3].clamp(min=1)
-        return {
-            f"{split}_top1": float(sums[0] / samples),
-            f"{split}_attr_acc": float(sums[2] / annotated),
-            f"{split}_loss": float(sums[5] / samples + cfg.loss.attr_weight * sums[6] / annotated),
-            f"{split}_attr_mean_ap": table["mean_ap"],
-            f"{split}_attr_mean_auc": table["mean_auc"],
-            f"{split}_samples": int(sums[1]),
-            f"{split}_skipped": int(sums[4]),
-        }
-
-    def _attribute_table(self, rows: list[torch.Tensor]) -> dict[str, Any]:
-        """Gather every rank's per-sample attribute rows and return the per-attribute table."""
-        acc, a = self.accelerator, self.info.num_attributes
-        local = torch.cat(rows) if rows else torch.zeros(0, 3 * a, device=acc.device)
-        if acc.num_processes > 1:
-            # Ranks hold different numbers of samples: pad to the longest, gather, cut the padding.
-            counts = acc.gather(torch.tensor([local.shape[0]], device=acc.device)).tolist()
-            padded = acc.pad_across_processes(local, dim=0)
-            width = padded.shape[0]
-            everything = acc.gather(padded)
-            local = torch.cat([everything[r * width : r * width + n] for r, n in enumerate(counts)])
-        data = local.cpu().numpy().astype(np.float64)
-        return attribute_table(
-            data[:, :a], data[:, a : 2 * a], data[:, 2 * a :], self.info.attributes, self.info.attribute_groups
-        )
-
-    def _eval_batches(self, loader: Any) -> Any:
-        """Yield the loader's batches; under ZeRO-3 also empty ones until every rank is done.
-
-        Ranks may hold different numbers of evaluation batches. The unwrapped model runs no
-        collective under DDP, so each rank just runs its own; under ZeRO-3 every forward
-        all-gathers parameters, so ranks agree each step on whether anyone still has data.
-        """
-        if zero_stage(self.accelerator) != 3:
-            yield from loader
-            return
-        iterator = iter(loader)
-        while True:
-            batch = next(iterator, None)
-            flag = torch.tensor([0.0 if batch is None else 1.0], device=self.accelerator.device)
-            if float(self.accelerator.reduce(flag, "sum")) == 0:
-                return
-            yield batch if batch is not None else {"keys": [], "image": torch.zeros(0), "skipped": 0}
-
-    def _dummy_input(self) -> torch.Tensor:
-        size = self.preprocess.image_size
-        return torch.zeros(1, 3, size, size, device=self.accelerator.device, dtype=self.input_dtype)
-
-    def _sync_buffers(self, model: torch.nn.Module) -> None:
-        """Give every rank rank 0's buffers (BatchNorm statistics), those the package will hold.
-
-        DDP broadcasts buffers before each training forward, but the forward then updates them
-        with the local batch, so after training they differ slightly between ranks.
-        """
-        if self.accelerator.num_processes > 1 and torch.distributed.is_initialized():
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer.data, src=0)
+        """Evaluate the model that is exported on ``split``; keep its per-attribute table."""
+        metrics, self.attribute_tables[split] = self.evaluator.evaluate(self.eval_model(), split, self.input_dtype)
+        return metrics
 
     # ----------------------------------------------------------------------------- run
     def fit(self, resume: bool = False) -> dict[str, Any] | None:
