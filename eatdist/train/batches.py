@@ -22,12 +22,32 @@ from eatdist.data.pipeline import ShardStream, make_loader
 class Batches:
     """The training loader, one loader per evaluation split, and :meth:`to_device`."""
 
-    def __init__(
-        self, cfg: Config, info: DatasetInfo, preprocess: Preprocess, accelerator: Accelerator, train: ShardStream
-    ) -> None:
-        self.cfg, self.info, self.preprocess, self.acc, self.train_stream = cfg, info, preprocess, accelerator, train
+    def __init__(self, cfg: Config, info: DatasetInfo, preprocess: Preprocess, accelerator: Accelerator) -> None:
+        self.cfg, self.info, self.preprocess, self.acc = cfg, info, preprocess, accelerator
+        self.train_stream = self.stream(cfg.data.train_split, train=True)
         self._train: DataLoader | None = None
         self._evaluation: dict[str, DataLoader] = {}
+
+    def stream(self, split: str, train: bool) -> ShardStream:
+        """This rank's stream of ``split``: shuffled, augmented and planned in equal steps with ``train``."""
+        cfg = self.cfg
+        return ShardStream(
+            self.info,
+            split,
+            train=train,
+            preprocess=self.preprocess,
+            batch_size=cfg.data.batch_size,
+            rank=self.acc.process_index,
+            world=self.acc.num_processes,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.train.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            crop_scale_min=cfg.data.crop_scale_min,
+            step_multiple=cfg.train.grad_accum,
+            retries=cfg.data.retries,
+            decoder=cfg.data.decoder,
+            decode_device=cfg.data.decode_device,
+        )
 
     def _loader(self, stream: ShardStream) -> DataLoader:
         pin = self.acc.device.type == "cuda"  # pinned host memory: the copy overlaps compute
@@ -42,21 +62,7 @@ class Batches:
     def evaluation(self, split: str) -> DataLoader:
         """The loader of an evaluation split, made on first use and kept (persistent workers)."""
         if split not in self._evaluation:
-            cfg = self.cfg
-            stream = ShardStream(
-                self.info,
-                split,
-                train=False,
-                preprocess=self.preprocess,
-                batch_size=cfg.data.batch_size,
-                rank=self.acc.process_index,
-                world=self.acc.num_processes,
-                num_workers=cfg.data.num_workers,
-                seed=cfg.train.seed,
-                retries=cfg.data.retries,
-                decoder=cfg.data.decoder,
-                decode_device=cfg.data.decode_device,
-            )
+            stream = self.stream(split, train=False)
             self._evaluation[split] = self._loader(stream)
         return self._evaluation[split]
 

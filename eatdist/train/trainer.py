@@ -23,7 +23,6 @@ from tqdm import tqdm
 from eatdist import dist
 from eatdist.config import Config, save_config
 from eatdist.data.corpus import DatasetInfo, load_dataset_info
-from eatdist.data.pipeline import ShardStream
 from eatdist.data.plan import Phase
 from eatdist.data.remote import redact
 from eatdist.errors import ConfigError
@@ -156,26 +155,8 @@ class Trainer:
         )
         model = apply_model_options(model, cfg)
         self.preprocess = backbone_preprocess(model, cfg.data.image_size)
-        stream_args = dict(
-            preprocess=self.preprocess,
-            batch_size=cfg.data.batch_size,
-            rank=acc.process_index,
-            world=acc.num_processes,
-            num_workers=cfg.data.num_workers,
-            seed=cfg.train.seed,
-            retries=cfg.data.retries,
-            decoder=cfg.data.decoder,
-            decode_device=cfg.data.decode_device,
-        )
-        self.train_data = ShardStream(
-            self.info,
-            cfg.data.train_split,
-            train=True,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            step_multiple=cfg.train.grad_accum,
-            crop_scale_min=cfg.data.crop_scale_min,
-            **stream_args,
-        )
+        self.batches = Batches(cfg, self.info, self.preprocess, acc)
+        self.train_data = self.batches.train_stream
         self.steps_per_epoch = self.train_data.steps
         self.updates_per_epoch = max(1, self.steps_per_epoch // cfg.train.grad_accum)
         optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg, acc.num_processes))
@@ -212,7 +193,6 @@ class Trainer:
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, acc)
         self.watch = PreemptionWatch(distributed=acc.num_processes > 1 and torch.distributed.is_initialized())
         self.logger: MetricsLogger | None = None
-        self.batches = Batches(cfg, self.info, self.preprocess, acc, self.train_data)
         self.evaluator = Evaluator(cfg, self.info, acc, self.batches)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
