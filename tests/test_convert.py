@@ -516,3 +516,17 @@ def test_convert_check_train_explain_each_dataset(tmp_path):
         assert {s["__key__"] for s in explained} == keys, name
         assert json.loads(explained[0]["json"])["class_name"] in info.classes
         assert explained[0]["txt"]
+
+
+def test_converters_rewrite_dotted_keys_so_no_samples_merge(tmp_path):
+    """WebDataset splits a member name at its first dot: img.001.jpg and img.002.jpg would merge
+    into one sample 'img'. The converters replace the dots by '_' (README, "Keys must not contain dots")."""
+    root = tmp_path / "src"
+    for n in range(4):
+        save_image(root / "images" / "crow" / f"img.{n:03d}.jpg", (40 * n, 90, 10))
+    (root / "attributes.csv").write_text("image,black\ncrow,1.0\n")
+    result = convert_folder(root / "images", root / "attributes.csv", options(tmp_path / "out", val_fraction=0.0,
+                            test_fraction=0.0))  # fmt: skip
+    got = samples(result.info.root)
+    assert sorted(got) == ["crow/img_000", "crow/img_001", "crow/img_002", "crow/img_003"]
+    assert all(s["json"]["source"].startswith("crow/img.") for s in got.values())

@@ -13,11 +13,7 @@ from eatdist.data.shards import iter_shard
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def plugin_path(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
-    # pip builds in the source folder: build a copy, so the checkout stays clean.
-    source = shutil.copytree(REPO / "plugins" / "eatdist-example-backbone", tmp_path_factory.mktemp("src") / "plugin")
+def pip_install(source, target):
     result = subprocess.run(
         [
             sys.executable,
@@ -35,7 +31,78 @@ def plugin_path(tmp_path_factory):
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory):
+    target = tmp_path_factory.mktemp("site")
+    # pip builds in the source folder: build a copy, so the checkout stays clean.
+    source = shutil.copytree(REPO / "plugins" / "eatdist-example-backbone", tmp_path_factory.mktemp("src") / "plugin")
+    pip_install(source, target)
     return target
+
+
+BROKEN_PLUGIN = {
+    "pyproject.toml": """
+[build-system]
+requires = ["setuptools>=64"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "very-broken-backbones"
+version = "0.3.0"
+
+[project.entry-points."eatdist.backbones"]
+pooled = "broken_backbones:pooled"
+tinycnn = "broken_backbones:pooled"
+
+[tool.setuptools]
+packages = ["broken_backbones"]
+""",
+    "broken_backbones/__init__.py": """
+import torch
+
+
+class Pooled(torch.nn.Module):
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward_features(self, x):
+        return self.conv(x).mean(dim=(2, 3))  # flat [B, C]: no map to explain
+
+
+def pooled(**kwargs):
+    return Pooled()
+""",
+}
+
+
+def test_backbones_check_names_a_broken_installed_plugin_and_the_clash(tmp_path, plugin_path):
+    source = tmp_path / "broken"
+    for name, text in BROKEN_PLUGIN.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(text.lstrip())
+    target = tmp_path / "site"
+    pip_install(source, target)
+    env = cpu_env(PYTHONPATH=f"{target}:{plugin_path}")
+    result = run([sys.executable, "-m", "eatdist", "backbones", "--check"], env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "check: backbone plugin 'tinycnn' (package eatdist-example-backbone 0.1.0): ok" in result.stdout
+    assert (
+        "FAILED: backbone plugin 'pooled' (package very-broken-backbones 0.3.0): violates the backbone contract: "
+        "backbone 'pooled': forward_features gave flat features of shape (2, 8)"
+    ) in result.stderr
+    # both register tinycnn: the same one wins whichever comes first on the path
+    assert (
+        "CLASH: backbone 'tinycnn' is registered by 2 packages: eatdist-example-backbone 0.1.0 is used, "
+        "very-broken-backbones 0.3.0 hidden"
+    ) in result.stderr
+    swapped = run([sys.executable, "-m", "eatdist", "backbones"], env=cpu_env(PYTHONPATH=f"{plugin_path}:{target}"))
+    # without --check a clash is a warning, not a failure
+    assert "eatdist-example-backbone 0.1.0 is used" in swapped.stderr and swapped.returncode == 0
 
 
 def test_installed_plugin_is_listed(plugin_path):

@@ -79,3 +79,83 @@ def test_backbones_command_lists_and_reports_failures(fake_plugins):
     assert "goodnet" in result.stdout and "timm" in result.stdout
     assert "FAILED: backbone plugin 'broken' (package fake-plugins 1.2)" in result.stderr
     assert result.returncode == 1
+
+
+def _dist_info(site, package, version, entries):
+    info = site / f"{package.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+    lines = "".join(f"{k} = {v}\n" for k, v in entries.items())
+    (info / "entry_points.txt").write_text(f"[eatdist.backbones]\n{lines}")
+
+
+CONTRACT_BREAKERS = (
+    "import torch\n"
+    "class Flat(torch.nn.Module):\n"
+    "    num_features = 4\n"
+    "    def __init__(self):\n"
+    "        super().__init__(); self.conv = torch.nn.Conv2d(3, 4, 3, stride=4)\n"
+    "    def forward_features(self, x):\n"
+    "        return self.conv(x).mean((2, 3))\n"
+    "class Narrow(Flat):\n"
+    "    num_features = 16\n"
+    "    def forward_features(self, x):\n"
+    "        return self.conv(x)\n"
+    "def flat(**kw):\n"
+    "    return Flat()\n"
+    "def narrow(**kw):\n"
+    "    return Narrow()\n"
+    "def shadow(**kw):\n"
+    "    return Narrow()\n"
+)
+
+
+@pytest.fixture
+def checked_plugins(fake_plugins):
+    """Besides fake_plugins: a package with contract breakers, two packages registering one name."""
+    (fake_plugins / "breakers.py").write_text(CONTRACT_BREAKERS)
+    _dist_info(fake_plugins, "zz-breakers", "0.1", {"flatnet": "breakers:flat", "narrownet": "breakers:narrow",
+                                                      "goodnet": "breakers:shadow"})  # fmt: skip
+    _dist_info(fake_plugins, "aa-shadow", "3.0", {"timm": "breakers:shadow"})
+    registry.reset_registry()
+    return fake_plugins
+
+
+def test_flat_features_error_names_the_backbone(checked_plugins):
+    from eatdist.models.package import build_model
+
+    model = build_model("flatnet", {}, 3, 2)
+    with pytest.raises(BackboneError, match=r"backbone 'flatnet': forward_features gave flat features of shape \(1, 4"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_name_clashes_are_reported_and_resolved_the_same_way_every_time(checked_plugins):
+    clashes = {c.name: c for c in registry.name_clashes()}
+    # eatdist's own entry point wins over any other package; else the name sorting first
+    assert clashes["timm"].used.startswith("eatdist ") and clashes["timm"].hidden == ("aa-shadow 3.0",)
+    assert clashes["goodnet"].used == "fake-plugins 1.2" and clashes["goodnet"].hidden == ("zz-breakers 0.1",)
+    assert registry.create_backbone("goodnet").num_features == 4  # fake-plugins' goodnet, not the shadow's 16
+    assert registry.create_backbone("test_resnet").num_features > 4
+
+
+def test_check_plugins_builds_each_and_names_violations(checked_plugins):
+    results = {r.name: r for r in registry.check_plugins()}
+    assert results["goodnet"].ok and results["timm"].ok and "timm/test_resnet" in results["timm"].detail
+    assert not results["flatnet"].ok and "package zz-breakers 0.1" in str(results["flatnet"])
+    assert "backbone 'flatnet': forward_features gave flat features" in results["flatnet"].detail
+    assert "gave shape (2, 4, 16, 16)" in results["narrownet"].detail and "[B, 16, H, W]" in results["narrownet"].detail
+    assert "needs a positive int attribute 'num_features'" in results["nofeatures"].detail
+    assert "broken" not in results  # failed to load: a load failure, reported as such
+
+
+def test_backbones_check_command(checked_plugins):
+    env = cpu_env(PYTHONPATH=str(checked_plugins))
+    result = subprocess.run([sys.executable, "-m", "eatdist", "backbones", "--check"], capture_output=True,
+                            text=True, env=env, cwd=REPO)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    err = result.stderr.splitlines()
+    failed = "FAILED: backbone plugin 'flatnet' (package zz-breakers 0.1): violates the backbone contract: "
+    assert failed in result.stderr
+    assert any(line.startswith("CLASH: backbone 'goodnet' is registered by 2 packages: fake-plugins 1.2 is used")
+               for line in err)  # fmt: skip
+    assert "check: backbone plugin 'goodnet' (package fake-plugins 1.2): ok" in result.stdout

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from eatdist import dist
+from eatdist.cli.errors import EXIT_CODES, EXIT_INTERRUPTED, describe, print_error
 from eatdist.errors import EatdistError
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ def _convert_args(p: argparse.ArgumentParser, test_split: bool) -> None:
     if test_split:
         p.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="share of each class for test")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the split and the shard order")
+    _config_args(p)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -52,7 +54,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     try:
-        trainer.fit(resume=args.resume)
+        if trainer.fit(resume=args.resume) is None:
+            from eatdist.train.preempt import EXIT_PREEMPTED
+
+            return EXIT_PREEMPTED
         if cfg.train.explain_split:
             from eatdist.explain.job import run_explain
 
@@ -68,18 +73,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from eatdist.config import load_config
-    from eatdist.explain.job import run_explain
+    from eatdist.explain.job import job_status, run_explain
 
+    if args.status:
+        text, complete = job_status(args.status)
+        print(text)
+        return 0 if complete else 1
+    missing = [f"--{k}" for k in ("model", "input", "output") if getattr(args, k) is None]
+    if missing:
+        raise EatdistError(f"explain needs {', '.join(missing)} (or --status DIR)")
     cfg = load_config(args.config, args.overrides)
     try:
         summary = run_explain(args.model, args.input, args.output, cfg.explain)
     finally:
         dist.destroy_process_group()
-    if summary is None:
+    if summary is None:  # another rank prints the job's summary
         return 0
+    mine = summary["by_this_process"]
+    done_before = " (the job was complete before this run)" if mine["shards"] == 0 else ""
     print(
         f"explained {summary['explained']} images from {summary['input_shards']} shards into {summary['output']}"
-        f"; {summary['undecodable']} undecodable (listed in {summary['output']}/explain_summary.json)"
+        f" ({mine['images']} by this process{done_before}); {summary['undecodable']} undecodable,"
+        f" {len(summary['truncated_shards'])} truncated shard(s) (listed in {summary['output']}/explain_summary.json)"
     )
     if summary["incomplete_shards"]:
         print(f"eatdist: error: {len(summary['incomplete_shards'])} shard(s) not explained (see the log); "
@@ -89,7 +104,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _convert_options(args: argparse.Namespace, test_fraction: float) -> ConvertOptions:
+    from eatdist.config import load_config
     from eatdist.data.convert import ConvertOptions, default_workers
+
+    load_config(args.config, args.overrides)  # a converter's options are its own; a wrong key is still an error
 
     return ConvertOptions(
         out=Path(args.out),
@@ -138,19 +156,32 @@ def cmd_convert_folder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positional_or_override(args: argparse.Namespace, name: str) -> None:
+    """Move an override that argparse took for the optional positional ``name`` back to the overrides."""
+    value = getattr(args, name)
+    if value is not None and "=" in value and "://" not in value and not Path(value).exists():
+        args.overrides.insert(0, value)
+        setattr(args, name, None)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    from eatdist.config import load_config
     from eatdist.data.check import check_corpus
     from eatdist.data.convert import default_workers
 
-    report = check_corpus(args.root, workers=args.workers or default_workers())
+    _positional_or_override(args, "root")
+    cfg = load_config(args.config, args.overrides)
+    report = check_corpus(args.root or cfg.data.root, workers=args.workers or default_workers())
     print(report.summary())
     return 0 if report.ok else 1
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from eatdist.config import load_config
     from eatdist.explain.evaluate import EVALUATION_FILE, evaluate_explanations
 
-    result = evaluate_explanations(args.explanations, args.data)
+    cfg = load_config(args.config, args.overrides)
+    result = evaluate_explanations(args.explanations, args.data or cfg.data.root)
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:{width}s}  {value}")
@@ -159,15 +190,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from eatdist.config import load_config
     from eatdist.explain.report import write_report
 
+    load_config(args.config, args.overrides)  # nothing in it shapes the page, but a wrong key is still an error
     print(f"report: {write_report(args.explanations, args.out, args.samples)}")
     return 0
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from eatdist.models.registry import list_backbones, list_timm_models, load_failures
+    from eatdist.config import load_config
+    from eatdist.models.registry import check_plugins, list_backbones, list_timm_models, load_failures, name_clashes
 
+    load_config(args.config, args.overrides)
     for name in list_backbones(load=True):
         print(name)
     timm_models = list_timm_models(args.timm or "*")
@@ -176,9 +211,24 @@ def cmd_backbones(args: argparse.Namespace) -> int:
             print(f"timm/{name}")
     else:
         print(f"(plus {len(timm_models)} timm models, e.g. resnet50; list them with --timm PATTERN)")
-    for failure in load_failures():
-        print(f"FAILED: {failure}", file=sys.stderr)
-    return 1 if load_failures() else 0
+    failed = [f"FAILED: {failure}" for failure in load_failures()]
+    clashes = [f"CLASH: {clash}" for clash in name_clashes()]
+    if args.check:  # a clash hides a plugin: a finding of --check, a warning otherwise
+        for result in check_plugins():
+            print(f"check: {result}")
+            if not result.ok:
+                failed.append(f"FAILED: {result}")
+    for line in failed + clashes:
+        print(line, file=sys.stderr)
+    return 1 if failed or (args.check and clashes) else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from eatdist.models.export import export_package
+
+    out = export_package(args.model, args.format, args.out, opset=args.opset)
+    print(f"exported {args.model} as {args.format} to {out} (metadata: {out}.json); dynamic batch size")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -191,13 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eatdist",
         description="Explainable attribute-based multi-task image classification, trained and explained at scale.",
+        epilog=EXIT_CODES,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="synthetic corpus → 2-process training → 2-process explanation")
-    p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--workdir", default="runs/demo", metavar="DIR", help="folder for corpus, run and explanations")
+    p.add_argument(
+        "--processes", type=int, default=2, metavar="N", help="processes for training and explanation (default 2)"
+    )
     _config_args(p)
     p.set_defaults(func=cmd_demo)
 
@@ -217,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="common (or 112): attributes present in at least --attr-min-classes classes, by class majority",
     )
-    c.add_argument("--attr-min-classes", type=int, default=10, metavar="N")
+    c.add_argument(
+        "--attr-min-classes", type=int, default=10, metavar="N", help="classes an attribute needs for --attr-subset"
+    )
     c.set_defaults(func=cmd_convert_cub)
     c = datasets.add_parser("sun", help="SUN Attribute: SRC holds the .mat files and images/")
     _convert_args(c, test_split=True)
@@ -231,10 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert_folder)
 
     p = sub.add_parser("check", help="verify every sample of a corpus against dataset.json")
-    p.add_argument("root", metavar="DIR", help="corpus folder (holding dataset.json)")
+    p.add_argument(
+        "root", nargs="?", metavar="DIR", help="corpus folder or URL holding dataset.json (default: data.root)"
+    )
     p.add_argument(
         "--workers", type=int, metavar="N", help="shards checked in parallel (default: the CPU count, at most 8)"
     )
+    _config_args(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("train", help="train an EAT model (under any launcher)")
@@ -242,26 +300,57 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("explain", help="explain image shards into explanation shards (under any launcher)")
-    p.add_argument("--model", required=True, help="model package folder (a run's model/)")
-    p.add_argument("--input", required=True, help="input shards: a folder, a glob or a file")
-    p.add_argument("--output", required=True, help="folder for the explanation shards")
+    p = sub.add_parser(
+        "explain",
+        help="explain image shards into explanation shards (any number of processes, under a launcher or not)",
+    )
+    p.add_argument("--model", help="model package folder (a run's model/)")
+    p.add_argument("--input", help="input shards: a folder, a glob or a file")
+    p.add_argument("--output", help="folder for the explanation shards, shared by every process of the job")
+    p.add_argument(
+        "--status",
+        metavar="DIR",
+        help="print the job in DIR: shards done, claimed (by whom, heartbeat age), remaining; exit 0 when complete",
+    )
     _config_args(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("evaluate", help="score explanation shards against their corpus (accuracy, maps on objects)")
     p.add_argument("--explanations", required=True, metavar="DIR", help="output folder of 'eatdist explain'")
-    p.add_argument("--data", required=True, metavar="DIR", help="folder of the input shards (same names)")
+    p.add_argument("--data", metavar="DIR", help="folder of the input shards, same names (default: data.root)")
+    _config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="an HTML page of explanation shards: overlays, texts, scores")
     p.add_argument("--explanations", required=True, metavar="DIR", help="output folder of 'eatdist explain'")
     p.add_argument("--out", metavar="FILE", help="page to write (default: DIR/report.html)")
     p.add_argument("--samples", type=int, default=48, metavar="N", help="explained images shown")
+    _config_args(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("backbones", help="list registered backbones and plugin failures")
+    p = sub.add_parser(
+        "export",
+        help="export a model package to ONNX or TorchScript (outputs: class logits, attribute logits, features)",
+    )
+    p.add_argument("--model", required=True, metavar="PKG", help="model package folder (a run's model/)")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="file format to write")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write (metadata goes to FILE.json)")
+    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "backbones",
+        help="list registered backbones, plugin failures and name clashes",
+        description="List the backbones registered in the entry-point group eatdist.backbones. When two packages "
+        "register the same name, eatdist's own entry point wins, else the package whose name sorts first.",
+    )
     p.add_argument("--timm", metavar="PATTERN", help="also list timm models matching PATTERN")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="build each plugin backbone on a tiny input and report contract violations (exit 1 if any)",
+    )
+    _config_args(p)
     p.set_defaults(func=cmd_backbones)
     return parser
 
@@ -276,24 +365,28 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors print one line ``eatdist: error: ...`` and return 2."""
+    """Run the CLI and return its exit code (see :data:`eatdist.cli.errors.EXIT_CODES`).
+
+    A user error (an :class:`EatdistError`, an OS error about a path such as a full disk or a
+    read-only folder, either raised in a DataLoader worker, or a collective broken because
+    another rank failed) prints one line ``[rank N] eatdist: error: ...`` and returns 2; Ctrl-C
+    returns 130. Anything else is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except EatdistError as exc:
-        prefix = f"[rank {dist.rank()}] " if dist.world_size() > 1 else ""
-        # An error raised in a DataLoader worker arrives with the worker's traceback in its
-        # message; its last line is the error itself.
-        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        if "Original Traceback" in str(exc):
-            message = message.split(": ", 1)[-1]
-        print(f"{prefix}eatdist: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("eatdist: interrupted", file=sys.stderr)
-        return 130
+        print_error("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        described = describe(exc)
+        if described is None:
+            raise
+        message, code = described
+        print_error(message)
+        return code
 
 
 if __name__ == "__main__":

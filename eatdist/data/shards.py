@@ -235,6 +235,21 @@ class AtomicShardWriter:
     def __enter__(self) -> AtomicShardWriter:
         return self
 
+    def _finish(self, ok: bool) -> None:
+        """Close the tar; when ``ok``, flush it to disk, write its index and rename it into place."""
+        end = self._writer.tarstream.offset
+        try:
+            self._writer.close()
+            if ok:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+        if ok:
+            index = ShardIndex([*self._offsets, end], self.tmp_path.stat().st_size)
+            write_index(self.path.with_name(self.path.name + INDEX_SUFFIX), index)
+            os.replace(self.tmp_path, self.path)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -243,18 +258,11 @@ class AtomicShardWriter:
     ) -> None:
         ok = exc_type is None
         try:
-            end = self._writer.tarstream.offset
-            try:
-                self._writer.close()
-                if ok:
-                    self._file.flush()
-                    os.fsync(self._file.fileno())
-            finally:
-                self._file.close()
+            self._finish(ok)
+        except OSError:
             if ok:
-                index = ShardIndex([*self._offsets, end], self.tmp_path.stat().st_size)
-                write_index(self.path.with_name(self.path.name + INDEX_SUFFIX), index)
-                os.replace(self.tmp_path, self.path)
+                raise
+            # The shard failed already; a close that cannot flush (a full disk) adds nothing to that.
         finally:
             # Whatever failed (the samples, a full disk at close), no temporary file stays behind.
             self.tmp_path.unlink(missing_ok=True)

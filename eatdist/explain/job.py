@@ -394,6 +394,8 @@ def run_explain(
         job.run()
     finally:
         job.close()
-    log.info("this process explained %d images from %d shards", sum(r.explained for r in job.mine), len(job.mine))
+    mine = sum(r.explained for r in job.mine)
+    log.info("this process explained %d images from %d shards", mine, len(job.mine))
     summary = summarise(Path(output), inputs)
+    summary["by_this_process"] = {"images": mine, "shards": len(job.mine)}  # printed, not written
     return summary if dist.rank() == 0 else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +12,12 @@ from torch import nn
 from eatdist.errors import BackboneError
 
 
-@dataclass
-class EATOutput:
-    """Logits of one forward pass; ``features`` is the ``[B, C, H, W]`` map the heads pooled."""
+class EATOutput(NamedTuple):
+    """Logits of one forward pass; ``features`` is the ``[B, C, H, W]`` map the heads pooled.
+
+    A named tuple: callers read fields by name, while ``torch.jit.trace``, ``torch.export`` and
+    the ONNX exporter see a plain tuple of three tensors.
+    """
 
     class_logits: torch.Tensor
     attr_logits: torch.Tensor
@@ -54,7 +57,7 @@ def tokens_to_grid(tokens: torch.Tensor, num_prefix_tokens: int, grid_size: tupl
     else:
         h = w = math.isqrt(n)
         if h * w != n:
-            raise BackboneError(f"backbone gives {n} spatial tokens, not a square grid; set its grid_size")
+            raise BackboneError(f"{n} spatial tokens, not a square grid; set the backbone's grid_size")
     return spatial.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
 
@@ -72,9 +75,12 @@ class EATModel(nn.Module):
         num_attributes: int,
         head_hidden: int = 0,
         dropout: float = 0.0,
+        backbone_name: str = "",
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        # Kept so that a contract violation found at the first forward names the backbone.
+        self.backbone_name = backbone_name or type(backbone).__name__
         self.num_features = int(backbone.num_features)
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
         grid = getattr(backbone, "grid_size", None)
@@ -90,16 +96,25 @@ class EATModel(nn.Module):
         """Return the backbone's features as ``[B, C, H, W]``.
 
         Raises:
-            BackboneError: when the backbone output is neither a map nor tokens of width C.
+            BackboneError: naming the backbone, when its output is neither a map nor tokens of width C.
         """
         features = self.backbone.forward_features(x)
-        if features.ndim == 3:
-            features = tokens_to_grid(features, self.num_prefix_tokens, self.grid_size)
-        if features.ndim != 4 or features.shape[1] != self.num_features:
+        name, c = self.backbone_name, self.num_features
+        needs = f"contract 2 needs a map [B, {c}, H, W] or tokens [B, N, {c}]"
+        if not isinstance(features, torch.Tensor):
+            raise BackboneError(f"backbone '{name}': forward_features gave a {type(features).__name__}; {needs}")
+        if features.ndim == 2:
             raise BackboneError(
-                f"backbone forward_features gave shape {tuple(features.shape)}; contract 2 needs "
-                f"[B, {self.num_features}, H, W] or [B, N, {self.num_features}]"
+                f"backbone '{name}': forward_features gave flat features of shape {tuple(features.shape)} "
+                f"(pooled, no spatial map to explain); {needs}"
             )
+        if features.ndim == 3:
+            try:
+                features = tokens_to_grid(features, self.num_prefix_tokens, self.grid_size)
+            except BackboneError as exc:
+                raise BackboneError(f"backbone '{name}': {exc}") from None
+        if features.ndim != 4 or features.shape[1] != c:
+            raise BackboneError(f"backbone '{name}': forward_features gave shape {tuple(features.shape)}; {needs}")
         return features
 
     def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,19 +136,21 @@ def eat_loss(
     attr_weight: float,
     attr_loss: str = "bce",
     weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Return (total loss, parts): cross-entropy + ``attr_weight`` × attribute loss.
 
     The attribute loss is BCE-with-logits on per-image labels (``"bce"``) or the squared error of
     the sigmoid against class-level strengths (``"mse"``), averaged over annotated entries only.
-    ``attr_weight == 0`` is the plain classifier baseline. ``weight`` (1 per image, 0 for a
+    ``attr_weight == 0`` is the plain classifier baseline; ``label_smoothing`` softens the
+    class targets (timm's and torch's meaning). ``weight`` (1 per image, 0 for a
     stand-in of an unusable sample) leaves images out of both averages; a batch of stand-ins only
     gives a zero loss (and zero gradients), so its rank still joins the step.
     """
     if weight is None:
-        ce = F.cross_entropy(out.class_logits.float(), labels)
+        ce = F.cross_entropy(out.class_logits.float(), labels, label_smoothing=label_smoothing)
     else:
-        per_image = F.cross_entropy(out.class_logits.float(), labels, reduction="none")
+        per_image = F.cross_entropy(out.class_logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
         ce = (per_image * weight).sum() / weight.sum().clamp(min=1.0)
         attr_mask = attr_mask * weight[:, None]
     logits = out.attr_logits.float()

@@ -17,7 +17,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from eatdist.data.pipeline import Preprocess
-from eatdist.errors import ModelPackageError
+from eatdist.errors import EatdistError, ModelPackageError
 from eatdist.models.eat import EATModel
 from eatdist.models.registry import create_backbone
 
@@ -59,7 +59,8 @@ def build_model(
     kwargs = dict(backbone_args)
     if pretrained_path:
         kwargs["pretrained_path"] = pretrained_path
-    return EATModel(create_backbone(backbone, **kwargs), num_classes, num_attributes, head_hidden, dropout)
+    module = create_backbone(backbone, **kwargs)
+    return EATModel(module, num_classes, num_attributes, head_hidden, dropout, backbone_name=backbone)
 
 
 def backbone_preprocess(model: EATModel, image_size: int) -> Preprocess:
@@ -102,19 +103,51 @@ def read_meta(path: str | Path) -> PackageMeta:
     return meta
 
 
+def _weights_mismatch(model: nn.Module, weights: Path) -> str:
+    """Describe how the tensors in ``weights`` differ from ``model``'s (first few), or ''."""
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    problems = [f"{k} is {list(found[k])}, the metadata needs {list(shape)}"
+                for k, shape in expected.items() if k in found and found[k] != shape]  # fmt: skip
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}")
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    return shown
+
+
 def load_package(path: str | Path, device: str | torch.device = "cpu") -> tuple[EATModel, PackageMeta]:
     """Rebuild the model of a package, load its weights and return it in eval mode with its meta.
 
     Raises:
-        ModelPackageError: when the folder is not a package or its weights do not fit the model.
+        ModelPackageError: naming the package, when the folder is not a package, its backbone
+            cannot be built, or its weights do not fit the model its metadata describes.
     """
     meta = read_meta(path)
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelPackageError(f"{path} is not a complete eatdist model package (no {WEIGHTS_FILE})")
-    model = build_model(meta.backbone, meta.backbone_args, len(meta.classes), len(meta.attributes), meta.head_hidden)
+    try:
+        model = build_model(
+            meta.backbone, meta.backbone_args, len(meta.classes), len(meta.attributes), meta.head_hidden
+        )
+    except EatdistError as exc:
+        raise ModelPackageError(f"model package {path}: {exc}") from None
     try:
         load_model(model, str(weights), strict=True, device=str(device))
     except Exception as exc:
-        raise ModelPackageError(f"{weights}: weights do not fit backbone '{meta.backbone}' ({exc})") from None
+        try:
+            detail = _weights_mismatch(model, weights) or " ".join(str(exc).split())
+        except Exception as read_exc:  # not a readable safetensors file at all
+            detail = f"cannot read {WEIGHTS_FILE}: {' '.join(str(read_exc).split())}"
+        raise ModelPackageError(
+            f"model package {path}: {WEIGHTS_FILE} does not fit {META_FILE} (backbone '{meta.backbone}', "
+            f"{len(meta.classes)} classes, {len(meta.attributes)} attributes): {detail}"
+        ) from None
     return model.to(device).eval(), meta
