@@ -156,3 +156,24 @@ def _clear_stale_extension_locks() -> None:
         built = any(lock.parent.glob("*.so"))
         if not built and time.time() - lock.stat().st_mtime > 120:
             lock.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(size_mib, read_only=False) -> a fresh tmpfs folder; skipped where mount is not allowed."""
+    mounted = []
+
+    def make(mib=1, read_only=False):
+        folder = tmp_path / f"mnt{len(mounted)}"
+        folder.mkdir()
+        options = f"size={mib}m" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                capture_output=True, text=True)  # fmt: skip
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -37,27 +37,6 @@ def the_error(code, lines):
     return errors[0]
 
 
-@pytest.fixture
-def mount(tmp_path):
-    """mount(size_mib, read_only=False) -> a fresh tmpfs folder; skipped where mount is not allowed."""
-    mounted = []
-
-    def make(mib=1, read_only=False):
-        folder = tmp_path / f"mnt{len(mounted)}"
-        folder.mkdir()
-        options = f"size={mib}m" + (",ro" if read_only else "")
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                                capture_output=True, text=True)  # fmt: skip
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield make
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny corpus and a model package trained on it (one epoch, 32 px)."""

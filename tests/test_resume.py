@@ -166,36 +166,16 @@ def test_elastic_resume_reads_no_sample_twice(tmp_path, corpus, before, after):
     assert Path(out / "model" / "model.safetensors").is_file()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real small filesystem (tmpfs); skipped where mounting is not allowed."""
-    mounts = []
-
-    def make(mib):
-        folder = tmp_path / f"disk{len(mounts)}"
-        folder.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(folder)],
-                                capture_output=True, text=True)  # fmt: skip
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounts.append(folder)
-        return folder
-
-    yield make
-    for folder in mounts:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-def test_low_disk_prunes_old_checkpoints_first_and_full_disk_is_one_line(tmp_path, corpus, small_disk):
+def test_low_disk_prunes_old_checkpoints_first_and_full_disk_is_one_line(tmp_path, corpus, mount):
     # 12 MiB holds two checkpoints of this model (4.4 MiB each) but not three: the oldest goes first
-    out = small_disk(12) / "run"
+    out = mount(12) / "run"
     extra = ["train.epochs=1", "train.checkpoint_every=2", "train.keep_checkpoints=2", "data.num_workers=0"]
     result = run(command(corpus, out, 1, *extra))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "low disk space: removing checkpoint" in result.stderr
     assert len(list((out / "checkpoints").glob("step-*"))) == 2 and (out / "model" / "model.safetensors").is_file()
     # 4 MiB cannot hold a single checkpoint: one line naming the folder, nothing partial left
-    out = small_disk(4) / "run"
+    out = mount(4) / "run"
     result = run(command(corpus, out, 1, *extra))
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "eatdist: error:" in line]
