@@ -29,8 +29,17 @@ class SynthConfig:
     val: int = 1000
     test: int = 1000
     shard_size: int = 500
+    # Chance each attribute group of an image differs from its class prototype; drawn
+    # independently of the background, so it varies attributes within a class whatever the cue.
     attr_noise: float = 0.08
+    # Chance a train background hue is its class's own (val/test: never): how often the cue is there.
     spurious_rate: float = 0.0
+    # Uniform jitter (± hue units) around the class hue when the cue is there: 0 is an exact
+    # giveaway, ~0.5 / num_classes makes neighbouring classes' cues overlap (a weaker cue).
+    spurious_hue_jitter: float = 0.0
+    # The object's radius is its size attribute's radius times U(object_scale_min, object_scale_max).
+    object_scale_min: float = 0.92
+    object_scale_max: float = 1.08
     image_format: Literal["jpg", "png", "webp"] = "jpg"
     seed: int = 0
     workers: int = 2
@@ -81,11 +90,13 @@ class LossConfig:
 
     attr_weight: float = 1.0
     attr_loss: Literal["bce", "mse"] = "bce"
+    # Softened class targets for the training loss (validation loss uses hard ones).
+    label_smoothing: float = 0.0
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay.
+    """timm's optimizer ``name`` (default AdamW) and schedule ``sched`` (default linear warmup, then cosine).
 
     ``lr`` is given per ``lr_base_batch`` images of global batch (batch_size x processes x
     grad_accum) and scaled linearly to the actual global batch; ``lr_base_batch: null`` uses
@@ -98,6 +109,13 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     clip_grad: float | None = 1.0
+    # Any name timm.optim.create_optimizer_v2 knows: adamw, sgd (Nesterov momentum), momentum, lamb, lion, ...
+    name: str = "adamw"
+    momentum: float = 0.9
+    # After the warmup: cosine to min_lr_ratio x lr, step (x decay_rate every decay_epochs), or constant.
+    sched: Literal["cosine", "step", "constant"] = "cosine"
+    decay_epochs: float = 30.0
+    decay_rate: float = 0.1
 
 
 @dataclass
@@ -119,16 +137,42 @@ class TrainConfig:
     # A checkpoint every N optimizer steps (0: at epoch ends only), and how many to keep.
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    # Accelerate trackers: tensorboard, wandb, mlflow, ... (one name, a list, or [] for none).
+    # metrics.jsonl is written whatever this says. MLflow logs to <output_dir>/mlruns unless
+    # MLFLOW_TRACKING_URI says otherwise.
+    log_with: str | list[str] = "tensorboard"
+    # Project (W&B) or experiment (MLflow) name; TensorBoard logs to <output_dir>/tensorboard/<project>.
+    project: str = "eatdist"
+    # Validation images explained and logged per epoch to trackers that take images (0: none).
+    log_images: int = 4
+    # A moving average of the weights (timm's ModelEmaV3): evaluated and exported instead of the raw weights.
+    ema: bool = False
+    ema_decay: float = 0.9998
+    # EMA warmup: the decay grows from 0 towards ema_decay over the first updates.
+    ema_warmup: bool = True
+    # Also export the package of the best epoch by this validation metric to <output_dir>/model_best
+    # (e.g. val_top1, val_attr_acc, val_attr_mean_ap, val_loss; losses are minimised).
+    keep_best: str | None = None
 
 
 @dataclass
 class ExplainConfig:
     """Batch explanation (``eatdist explain``)."""
 
+    # The text names at most top_k attributes the model predicts present (p > attr_threshold),
+    # ranked by their evidence for the class in this image, then at most max_contrasts
+    # characteristic attributes of the class the image lacks (README, "Explanation").
     top_k: int = 3
+    attr_threshold: float = 0.5
+    max_contrasts: int = 2
+    # Explanations are flagged when the package's validation attribute accuracy is below
+    # min_attr_acc or within min_attr_gain of always answering each attribute's common value.
+    min_attr_acc: float = 0.6
+    min_attr_gain: float = 0.02
     batch_size: int = 64
     overlay_format: Literal["jpg", "png"] = "jpg"
-    overlay_alpha: float = 0.5
+    # The heat colour's opacity where the map peaks; it fades to 0 where the map is low.
+    overlay_alpha: float = 0.6
     # DataLoader processes that read, decode and transform; 0 does it in the main process.
     num_workers: int = 2
     # Batches waiting for the writer thread: bounds memory while the device runs ahead.

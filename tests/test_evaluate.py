@@ -42,6 +42,17 @@ def test_evaluate_scores_an_explanation_job(tmp_path):
     for key in ("attr_acc", "class_map_mass_on_object", "class_map_pointing", "object_area_fraction"):
         assert 0.0 <= result[key] <= 1.0
     assert result["scored_attribute_maps"] > 0
+    # all-zero maps are counted, not skipped silently
+    peaks = [r["map_peaks"] for r in records]
+    assert result["zero_class_maps"] == sum(p[0] == 0 for p in peaks)
+    assert result["zero_attribute_maps"] == sum(x == 0 for p in peaks for x in p[1:])
+    assert result["attribute_maps"] == sum(len(p) - 1 for p in peaks)
+    breakdown = json.loads((out / "breakdown.json").read_text())
+    assert sum(r["images"] for r in breakdown["per_class"]) == 21
+    assert sum(n for _, _, n in breakdown["confusion"]) == 21
+    correct = sum(n for t, p, n in breakdown["confusion"] if t == p)
+    assert correct == round(result["top1"] * 21)
+    assert len(breakdown["per_attribute"]) == corpus.num_attributes
     assert json.loads((out / "evaluation.json").read_text()) == result
 
     cli = run([sys.executable, "-m", "eatdist", "evaluate", "--explanations", str(out), "--data", str(corpus.root)])
@@ -65,8 +76,11 @@ def test_report_page_shows_overlays_texts_and_scores(tmp_path):
     run_explain(str(package), str(corpus.root), str(out), ExplainConfig())
     evaluate_explanations(out, corpus.root)
     page = write_report(out, samples=5).read_text()
-    assert page.count("data:image/jpeg;base64,") == 5
-    texts = [json.loads(s["json"])["text"] for s in iter_shard(out / "test-000000.tar")][:5]
-    assert all(html.escape(t) in page for t in texts)
+    assert page.count('<div class="card') == 5 and "Showing 5 of 7 explanations" in page
+    assert page.count('alt="image" src="data:image/jpeg;base64,') == 5  # the original beside each overlay
+    assert page.count('alt="class map" src="data:image/jpeg;base64,') == 5
+    page = write_report(out, samples=50).read_text()
+    texts = [json.loads(s["json"])["text"] for s in iter_shard(out / "test-000000.tar")]
+    assert all(html.escape(t) in page for t in texts) and "Showing all 7 explanations" in page
     assert "<b>cls</b>" not in page  # names are escaped
-    assert "class_map_mass_on_object" in page and "explained" in page
+    assert "Class-map mass on the object" in page and "Images explained" in page

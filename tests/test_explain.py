@@ -14,7 +14,7 @@ from conftest import REPO, cpu_env, write_corpus
 from eatdist.config import ExplainConfig
 from eatdist.data.shards import iter_shard
 from eatdist.explain.job import resolve_inputs, run_explain
-from eatdist.explain.text import explanation_text
+from eatdist.explain.text import attribute_check, choose_attributes, explanation_text
 from eatdist.models.package import PackageMeta, build_model, load_package, save_package
 
 
@@ -60,18 +60,27 @@ def test_explanation_shards_follow_contract_4(tmp_path, tiny_corpus, package):
     sample = next(iter_shard(out / "val-000000.tar"))
     record = json.loads(sample["json"])
     assert record["class_name"] == tiny_corpus.classes[record["class"]]
-    assert len(record["top_attributes"]) == 3
-    contributions = [a["contribution"] for a in record["top_attributes"]]
-    assert contributions == sorted(contributions, reverse=True)
-    cls = np.array(tiny_corpus.class_attributes[record["class"]])
-    for a in record["top_attributes"]:
-        assert a["contribution"] == pytest.approx(a["probability"] * cls[a["index"]], abs=2e-5)
+    records = [json.loads(s["json"]) for p in sorted(out.glob("*.tar")) for s in iter_shard(p)]
+    for r in records:  # only what the model predicts present, reasons best first
+        supports = [a for a in r["top_attributes"] if a["role"] == "supports"]
+        assert len(supports) <= 3
+        assert all(a["contribution"] >= 0 for a in supports)  # > 0 before rounding to 5 places
+        assert [a["contribution"] for a in supports] == sorted((a["contribution"] for a in supports), reverse=True)
+        assert all(a["probability"] > 0.5 for a in r["top_attributes"])
+        assert all(x["probability"] <= 0.5 for x in r["lacks"])
+        assert r["attribute_check"]["status"] == "unknown"  # an untrained package records no metrics
+    assert any(r["top_attributes"] for r in records)
     assert sample["txt"].decode() == record["text"]
-    assert record["text"].startswith(f"{record['class_name']} (") and "because it has" in record["text"]
+    assert record["text"].startswith(f"{record['class_name']} (")
     assert "true_class" in record and record["model_id"]
     maps = np.load(io.BytesIO(sample["heatmaps.npy"]), allow_pickle=False)
-    assert maps.dtype == np.float16 and maps.shape == (4, 2, 2)
+    k = len(record["top_attributes"])
+    assert maps.dtype == np.float16 and maps.shape == (1 + k, 2, 2)
+    assert len(record["map_peaks"]) == 1 + k and record["zero_maps"] == sum(p == 0 for p in record["map_peaks"])
     assert Image.open(io.BytesIO(sample["overlay.jpg"])).size == (32, 32)
+    assert Image.open(io.BytesIO(sample["image.jpg"])).size == (32, 32)
+    if k:
+        assert Image.open(io.BytesIO(sample["attr_maps.jpg"])).size == (k * 32 + (k - 1) * 2, 32)
 
 
 def test_text_lists_attributes_in_words():
@@ -80,6 +89,67 @@ def test_text_lists_attributes_in_words():
         == "red disc (94%): because it has a red body, a striped pattern and a small size"
     )
     assert explanation_text("x", 0.5, ["orange top"]) == "x (50%): because it has an orange top"
+    # what the image lacks is said apart, with what it shows instead
+    text = explanation_text("x", 0.9, ["red body"], [("white top", "black top"), ("dotted pattern", None)])
+    assert (
+        text == "x (90%): because it has a red body, although it has a black top rather than a white top "
+        "and it lacks a dotted pattern"
+    )
+    # CUB-style names: one group's values are joined, contrasts name the group once
+    cub = explanation_text(
+        "Cardinal",
+        0.8,
+        ["bill shape: cone", "wing color: red", "bill shape: short"],
+        [("crown color: red", "crown color: black")],
+        groups=["bill shape", "wing color", "bill shape"],
+        warning="attributes unreliable",
+    )
+    assert cub == (
+        "Cardinal (80%): because it has bill shape: cone and short; wing color: red, "
+        "although its crown color is black, not red [attributes unreliable]"
+    )
+
+
+def test_choose_attributes_names_only_present_ones_and_contrasts():
+    probs = [0.9, 0.2, 0.7, 0.95, 0.1, 0.6]
+    contrib = [0.5, 3.0, 1.5, -0.2, 2.0, 0.1]
+    groups = {0: "g0", 1: "g0", 2: "g1", 3: "g2", 4: "g2", 5: "g3"}
+    class_row = [0.1, 0.9, 0.8, 0.05, 0.92, 0.1]  # characteristic: 1, 2 and 4
+    named, contrasts = choose_attributes(probs, contrib, class_row, groups, top_k=2, threshold=0.5, max_contrasts=2)
+    assert [(n.index, n.role) for n in named] == [(2, "supports"), (0, "supports"), (3, "instead")]
+    assert contrasts == [(4, 3), (1, 0)]  # most characteristic first; 1's group shows 0, already a reason
+    assert named[2].instead_of == 4 and all(probs[n.index] > 0.5 for n in named)
+    _, contrasts = choose_attributes(probs, contrib, class_row, {}, top_k=2, threshold=0.5, max_contrasts=1)
+    assert contrasts == [(4, None)]  # without groups nothing is shown "instead"
+
+
+def test_contributions_are_the_class_score_along_each_attribute_direction():
+    import torch
+
+    from eatdist.explain.text import attribute_contributions
+    from eatdist.models.eat import linear_weight
+
+    torch.manual_seed(0)
+    model = build_model("test_resnet", {"output_stride": 16}, 4, 6).eval()
+    features = torch.rand(3, model.num_features, 2, 2)
+    classes = torch.tensor([0, 2, 3])
+    got = attribute_contributions(model, features, classes)
+    f = features.mean((2, 3))
+    w, u = linear_weight(model.class_head), linear_weight(model.attr_head)
+    for b in range(3):
+        for a in range(6):
+            unit = u[a] / u[a].norm()
+            assert got[b, a].item() == pytest.approx(((w[classes[b]] @ unit) * (f[b] @ unit)).item(), rel=1e-4)
+    mlp = build_model("test_resnet", {"output_stride": 16}, 4, 6, head_hidden=8).eval()
+    assert attribute_contributions(mlp, features, classes).shape == (3, 6)  # the gradient route runs
+
+
+def test_attribute_check_flags_a_near_chance_head():
+    class_attributes = [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0]]  # chance (common value): 0.75
+    assert attribute_check({"val_attr_acc": 0.51}, class_attributes, 0.6, 0.02)["status"] == "near_chance"
+    assert attribute_check({"val_attr_acc": 0.76}, class_attributes, 0.6, 0.02)["reliable"] is False
+    assert attribute_check({"val_attr_acc": 0.97}, class_attributes, 0.6, 0.02)["status"] == "ok"
+    assert attribute_check({}, class_attributes, 0.6, 0.02)["status"] == "unknown"
 
 
 def test_undecodable_images_counted_listed_and_job_goes_on(tmp_path, package):

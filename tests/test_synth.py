@@ -81,3 +81,47 @@ def test_spurious_background_only_in_train(tmp_path):
 
     assert match_rate("train") == 1.0
     assert match_rate("val") < 0.1
+
+
+def test_object_mask_and_background_swap_keep_the_object():
+    import numpy as np
+
+    from eatdist.data.synth import class_prototypes, render_object, render_sample, spurious_hue
+
+    cfg = _small(num_classes=6)
+    protos = class_prototypes(6, cfg.seed)
+    for index in range(20):
+        drawn = render_object(cfg, protos, "test", index)
+        image, record = render_sample(cfg, protos, "test", index)
+        assert np.array_equal(drawn.image, image) and drawn.record == record
+        ys, xs = np.nonzero(drawn.mask)
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == record["bbox"]  # the mask is the object
+        other = (record["class"] + 1) % 6
+        swapped = render_object(cfg, protos, "test", index, background_class=other)
+        assert swapped.record["background_hue"] == round(spurious_hue(other, 6), 4)
+        assert np.array_equal(swapped.mask, drawn.mask) and swapped.record["attributes"] == record["attributes"]
+        # the object's pixels are drawn the same; the background differs
+        same = np.abs(swapped.image.astype(int) - drawn.image.astype(int)).max(axis=2) == 0
+        assert same[drawn.mask].mean() > 0.99 and same[~drawn.mask].mean() < 0.5
+
+
+def test_corpus_knobs_for_the_cue_and_the_object_size(tmp_path):
+    import numpy as np
+    import pytest
+
+    from eatdist.data.synth import class_prototypes, render_object
+    from eatdist.errors import ConfigError
+
+    protos = class_prototypes(10, 0)
+    exact = _small(spurious_rate=1.0, num_classes=10)
+    blurred = _small(spurious_rate=1.0, num_classes=10, spurious_hue_jitter=0.1)
+    offsets = [abs(render_object(c, protos, "train", i).record["background_hue"]
+                   - (render_object(c, protos, "train", i).record["class"] + 0.5) / 10)
+               for c in (exact, blurred) for i in range(40)]  # fmt: skip
+    assert max(offsets[:40]) < 1e-3 and 0.02 < np.mean(offsets[40:]) <= 0.1 + 1e-3
+    small = _small(object_scale_min=0.5, object_scale_max=0.6)
+    large = _small(object_scale_min=1.2, object_scale_max=1.3)
+    area = [np.mean([render_object(c, protos, "val", i).mask.mean() for i in range(30)]) for c in (small, large)]
+    assert area[1] > 3 * area[0]
+    with pytest.raises(ConfigError, match="object_scale"):
+        generate(_small(object_scale_min=1.2, object_scale_max=1.0), tmp_path, progress=False)

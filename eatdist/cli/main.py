@@ -324,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="an HTML page of explanation shards: overlays, texts, scores")
     p.add_argument("--explanations", required=True, metavar="DIR", help="output folder of 'eatdist explain'")
     p.add_argument("--out", metavar="FILE", help="page to write (default: DIR/report.html)")
-    p.add_argument("--samples", type=int, default=48, metavar="N", help="explained images shown")
+    p.add_argument(
+        "--samples", type=int, default=240, metavar="N", help="explained images shown (a sample of larger jobs)"
+    )
     _config_args(p)
     p.set_defaults(func=cmd_report)
 

@@ -3,8 +3,12 @@
 A stand-in for CUB where nothing can be downloaded. Attributes come in groups (shape, body
 colour, pattern, size, and the part-level top colour); each class is a prototype value per
 group, and each image resamples every group with probability ``attr_noise``, so attributes vary
-within a class. With ``spurious_rate`` > 0 the train split's background hue follows the class;
-val and test backgrounds are random, which is where attention on the object pays off.
+within a class (independently of the background). With ``spurious_rate`` > 0 the train split's
+background hue follows the class (``spurious_hue_jitter`` blurs that cue); val and test
+backgrounds are random, which is where attention on the object pays off.
+
+:func:`render_object` also returns the object's pixel mask and can redraw the same object on
+another class's background (the background-swap test of ``benchmarks/attribute_task.py``).
 """
 
 from __future__ import annotations
@@ -149,12 +153,43 @@ def _box(mask: np.ndarray) -> list[int]:
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """One drawn sample: the ``[S, S, 3]`` uint8 image, its ``json`` record and the object's ``[S, S]`` mask."""
+
+    image: np.ndarray
+    record: dict[str, Any]
+    mask: np.ndarray
+
+
 def render_sample(
     cfg: SynthConfig, prototypes: list[tuple[int, ...]], split: str, index: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Draw sample ``index`` of ``split``: the RGB image and its contract-1 ``json`` record.
 
     Deterministic in (seed, split, index), whatever process draws it.
+    """
+    drawn = render_object(cfg, prototypes, split, index)
+    return drawn.image, drawn.record
+
+
+def spurious_hue(label: int, num_classes: int) -> float:
+    """Return the background hue that gives class ``label`` away when the cue is on."""
+    return (label + 0.5) / num_classes
+
+
+def render_object(
+    cfg: SynthConfig,
+    prototypes: list[tuple[int, ...]],
+    split: str,
+    index: int,
+    background_class: int | None = None,
+) -> Rendered:
+    """Draw sample ``index`` of ``split`` with its object mask; see :func:`render_sample`.
+
+    With ``background_class`` the very same object (shape, colours, place, noise) is drawn on
+    that class's spurious background hue instead of the sample's own: the object stays, the
+    cue changes. Every random draw is made either way, so the object does not move.
     """
     rng = np.random.default_rng([cfg.seed, SPLIT_IDS.get(split, 3), index])
     size = cfg.image_size
@@ -168,16 +203,20 @@ def render_sample(
     # Background: a low-saturation hue with a soft wave and grain. In train, with probability
     # spurious_rate the hue is the class's own, a shortcut the val/test splits do not offer.
     if split == "train" and rng.random() < cfg.spurious_rate:
-        hue = (label + 0.5) / len(prototypes)
+        hue = spurious_hue(label, len(prototypes))
+        if cfg.spurious_hue_jitter > 0:  # drawn only when asked, so jitter 0 keeps the bytes as before
+            hue = float((hue + rng.uniform(-cfg.spurious_hue_jitter, cfg.spurious_hue_jitter)) % 1.0)
     else:
         hue = float(rng.random())
+    if background_class is not None:
+        hue = spurious_hue(background_class, len(prototypes))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     base = _hsv_to_rgb(hue, 0.35, 0.75)
     angle, freq = rng.random() * np.pi, 2 * np.pi / (size * rng.uniform(0.25, 0.6))
     wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * freq)[..., None]
     img = base[None, None, :] * (1.0 + 0.12 * wave) + rng.normal(0, 10, (size, size, 3))
 
-    r = SIZE_RADIUS[size_name] * size * rng.uniform(0.92, 1.08)
+    r = SIZE_RADIUS[size_name] * size * rng.uniform(cfg.object_scale_min, cfg.object_scale_max)
     margin = r + 2
     cx, cy = rng.uniform(margin, size - margin, 2)
     mask = _shape_mask(shape, xx, yy, cx, cy, r)
@@ -222,7 +261,7 @@ def render_sample(
         },
         "background_hue": round(hue, 4),
     }
-    return image, record
+    return Rendered(image, record, mask)
 
 
 def _encode(image: np.ndarray, fmt: str) -> bytes:
@@ -256,9 +295,12 @@ def generate(cfg: SynthConfig, out: str | Path | None = None, progress: bool = T
     for key in ("image_size", "shard_size"):
         if getattr(cfg, key) < (32 if key == "image_size" else 1):
             raise ConfigError(f"config key 'synth.{key}': too small ({getattr(cfg, key)})")
-    for key in ("attr_noise", "spurious_rate"):
+    for key in ("attr_noise", "spurious_rate", "spurious_hue_jitter"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"config key 'synth.{key}': must be in [0, 1]")
+    # the largest object (radius 0.33 of the frame) must fit inside it with its margin
+    if not 0.0 < cfg.object_scale_min <= cfg.object_scale_max <= 1.3:
+        raise ConfigError("config keys 'synth.object_scale_min/max': need 0 < min <= max <= 1.3")
     root = Path(out if out is not None else cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     prototypes = class_prototypes(cfg.num_classes, cfg.seed)

@@ -23,6 +23,8 @@ from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
 
 EVALUATION_FILE = "evaluation.json"
+ATTRIBUTE_FILE = "attribute_metrics.json"
+BREAKDOWN_FILE = "breakdown.json"
 
 
 def box_scores(heatmap: np.ndarray, image_size: tuple[int, int], box: list[float]) -> tuple[float, bool] | None:
@@ -57,6 +59,14 @@ class _Tally:
     attr_hits: list[bool] = field(default_factory=list)
     box_area: list[float] = field(default_factory=list)
     unmatched: int = 0
+    # all-zero maps point nowhere and score nothing: counted here, never dropped silently
+    zero_class_maps: int = 0
+    zero_attr_maps: int = 0
+    attr_maps: int = 0
+    confusion: dict[tuple[int, int], int] = field(default_factory=dict)  # (true, predicted) → images
+    class_names: dict[int, str] = field(default_factory=dict)
+    attr_right: np.ndarray | None = None  # per attribute: correct answers, and answers counted
+    attr_counted: np.ndarray | None = None
 
     def add_maps(self, scores: tuple[float, bool] | None, mass: list[float], hits: list[bool]) -> None:
         if scores is not None:
@@ -85,10 +95,45 @@ def _mean(values: list[float] | list[bool]) -> float | None:
     return round(float(np.mean(values)), 5) if values else None
 
 
+def _attribute_names(data_dir: Path) -> list[str]:
+    try:
+        from eatdist.data.corpus import load_dataset_info
+
+        return list(load_dataset_info(data_dir).attributes)
+    except Exception:  # bare shards without dataset.json: attributes are shown by index
+        return []
+
+
+def _breakdown(t: _Tally, attribute_names: list[str]) -> dict[str, Any]:
+    """Per-class accuracy, per-attribute accuracy and the confusion counts, for the report."""
+    classes = sorted({c for pair in t.confusion for c in pair})
+    per_class = []
+    for c in classes:
+        total = sum(n for (true, _), n in t.confusion.items() if true == c)
+        if total:
+            per_class.append({"class": c, "name": t.class_names.get(c, str(c)), "images": total,
+                              "top1": round(t.confusion.get((c, c), 0) / total, 5)})  # fmt: skip
+    per_attribute = []
+    if t.attr_right is not None and t.attr_counted is not None:
+        names = attribute_names if len(attribute_names) == len(t.attr_right) else []
+        for a, (right, counted) in enumerate(zip(t.attr_right, t.attr_counted, strict=True)):
+            if counted:
+                name = names[a] if names else f"attribute {a}"
+                per_attribute.append({"index": a, "name": name, "acc": round(float(right / counted), 5)})
+    confusion = [[true, pred, n] for (true, pred), n in sorted(t.confusion.items())]
+    return {"per_class": per_class, "per_attribute": per_attribute, "confusion": confusion}
+
+
 def evaluate_explanations(explanations: str | Path, data: str | Path) -> dict[str, Any]:
     """Score every explanation shard in ``explanations`` against the same-named shard in ``data``.
 
-    Returns the metrics (also written to ``explanations/evaluation.json``). Raises:
+    Returns the metrics (also written to ``explanations/evaluation.json``): accuracies, map scores,
+    the all-zero maps counted (``zero_class_maps``, and ``zero_attribute_maps`` of
+    ``attribute_maps``: they point nowhere, so the map scores leave them out), and the path of
+    ``breakdown.json``: ``per_class`` top-1, ``per_attribute`` accuracy and the ``confusion``
+    counts as ``[true, predicted, images]``.
+
+    Raises:
         DataError: when there are no explanation shards or an input shard is missing.
     """
     out_dir, data_dir = Path(explanations), Path(data)
@@ -96,6 +141,7 @@ def evaluate_explanations(explanations: str | Path, data: str | Path) -> dict[st
     if not shards:
         raise DataError(f"no explanation shards (*.tar) in {out_dir}")
     t = _Tally()
+    attribute_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per image: probabilities, labels, mask
     for shard in shards:
         truth = _truth(data_dir, shard.name)
         for sample in iter_shard(shard):
@@ -107,12 +153,26 @@ def evaluate_explanations(explanations: str | Path, data: str | Path) -> dict[st
             maps = np.load(io.BytesIO(sample["heatmaps.npy"]), allow_pickle=False).astype(np.float32)
             t.samples += 1
             t.correct += int(pred["class"] == record["class"])
+            pair = (int(record["class"]), int(pred["class"]))
+            t.confusion[pair] = t.confusion.get(pair, 0) + 1
+            t.class_names[int(pred["class"])] = pred.get("class_name", str(pred["class"]))
+            peaks = np.max(maps.reshape(len(maps), -1), axis=1) if maps.size else np.zeros(0)
+            t.zero_class_maps += int(len(peaks) > 0 and peaks[0] <= 0)
+            t.zero_attr_maps += int((peaks[1:] <= 0).sum())
+            t.attr_maps += max(0, len(peaks) - 1)
             attrs = np.asarray(record.get("attributes", []), dtype=np.float32)
             probs = np.asarray(pred.get("attribute_probabilities", []), dtype=np.float32)
             if len(attrs) and len(attrs) == len(probs):
                 mask = np.asarray(record.get("attr_mask", np.ones_like(attrs)), dtype=np.float32)
-                t.attr_correct += float((((probs > 0.5) == (attrs > 0.5)) * mask).sum())
+                hits = ((probs > 0.5) == (attrs > 0.5)) * mask
+                t.attr_correct += float(hits.sum())
                 t.attr_count += float(mask.sum())
+                if t.attr_right is None or t.attr_counted is None:
+                    t.attr_right, t.attr_counted = np.zeros(len(attrs)), np.zeros(len(attrs))
+                if len(t.attr_right) == len(attrs):
+                    t.attr_right += hits
+                    t.attr_counted += mask
+                attribute_rows.append((probs, attrs, mask))
             if "bbox" in record:
                 x0, y0, x1, y1 = record["bbox"]
                 t.box_area.append((x1 - x0) * (y1 - y0) / (record["_size"][0] * record["_size"][1]))
@@ -134,6 +194,48 @@ def evaluate_explanations(explanations: str | Path, data: str | Path) -> dict[st
         "attribute_map_mass_on_box": _mean(t.attr_mass),
         "attribute_map_pointing": _mean(t.attr_hits),
         "scored_attribute_maps": len(t.attr_mass),
+        "zero_class_maps": t.zero_class_maps,
+        "zero_attribute_maps": t.zero_attr_maps,
+        "attribute_maps": t.attr_maps,
+        "breakdown": str(out_dir / BREAKDOWN_FILE),
     }
+    # Per-class and per-attribute tables are long (CUB: 200 and 312 rows): a file of their own.
+    (out_dir / BREAKDOWN_FILE).write_text(json.dumps(_breakdown(t, _attribute_names(data_dir)), indent=1))
+    result.update(attribute_metrics(attribute_rows, data_dir, out_dir))
     (out_dir / EVALUATION_FILE).write_text(json.dumps(result, indent=1))
     return result
+
+
+def attribute_metrics(
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], data_dir: Path, out_dir: Path
+) -> dict[str, Any]:
+    """Write per-attribute and per-group accuracy, AP and AUC to ``out_dir/attribute_metrics.json``.
+
+    Names and groups come from the corpus's ``dataset.json`` (index names without one). Returns
+    the summary for ``evaluation.json``: mean AP and AUC, the worst and best attributes by
+    accuracy, and the tables' file; nothing when no image had attribute labels.
+    """
+    from eatdist.data.corpus import load_dataset_info
+    from eatdist.metrics.attributes import attribute_table, ranked
+
+    if not rows:
+        return {}
+    width = len(rows[0][0])
+    try:
+        info = load_dataset_info(data_dir)
+        names, groups = list(info.attributes), dict(info.attribute_groups or {})
+    except Exception:  # explanation shards scored against bare shards: no names to show
+        names, groups = [], {}
+    if len(names) != width:
+        names, groups = [f"attribute {a}" for a in range(width)], {}
+    probs, truth, mask = (np.stack([r[i] for r in rows]) for i in range(3))
+    table = attribute_table(probs, truth, mask, names, groups)
+    (out_dir / ATTRIBUTE_FILE).write_text(json.dumps(table, indent=1))
+    worst, best = ranked(table, 3)
+    return {
+        "attr_mean_ap": table["mean_ap"],
+        "attr_mean_auc": table["mean_auc"],
+        "worst_attributes": ", ".join(f"{r['name']} {r['accuracy']:.3f}" for r in worst),
+        "best_attributes": ", ".join(f"{r['name']} {r['accuracy']:.3f}" for r in best),
+        "attribute_tables": str(out_dir / ATTRIBUTE_FILE),
+    }

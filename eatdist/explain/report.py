@@ -1,93 +1,325 @@
-"""A self-contained HTML page of an explanation job, for people: overlays, texts and scores."""
+"""A self-contained HTML page of an explanation job, for people.
+
+The page opens with the scores in plain words (each with what it means), per-class and
+per-attribute accuracy and a confusion overview (when ``evaluate`` has run), then cards: the
+original image, the class map over it, the maps of the named attributes, the text, and true
+against predicted class. Mistakes come first, then the least confident predictions; buttons
+filter the cards by class and by right/wrong. A job of any size gives a page of at most
+``samples`` cards: every explanation is read once for the counts, and the cards shown are the
+mistakes and the least confident correct predictions, as the page says.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
-from eatdist.explain.evaluate import EVALUATION_FILE
+from eatdist.explain.evaluate import BREAKDOWN_FILE, EVALUATION_FILE
 from eatdist.explain.job import SUMMARY
 
 REPORT_FILE = "report.html"
 
+# (key, plain name, what it means); shown in this order when present
+METRIC_TEXT: list[tuple[str, str, str]] = [
+    ("explained", "Images explained", "Images the job wrote an explanation for."),
+    ("undecodable", "Images that could not be read", "Counted and listed in explain_summary.json."),
+    ("top1", "Class accuracy", "Share of images whose predicted class is the true class."),
+    (
+        "attr_acc",
+        "Attribute accuracy",
+        "Share of (image, attribute) answers that are right, present "
+        "meaning p > 0.5. Near the share of the more common answer means the attributes carry little.",
+    ),  # fmt: skip
+    ("class_map_pointing", "Pointing game", "Share of images whose class-map peak falls on the object's box."),
+    (
+        "class_map_mass_on_object",
+        "Class-map mass on the object",
+        "Share of the class map's heat inside "
+        "the object's box (see the next line for what a map spread evenly would score).",
+    ),  # fmt: skip
+    ("object_area_fraction", "Object area", "The object box's share of the image: the mass of a flat map."),
+    (
+        "attribute_map_pointing",
+        "Attribute pointing game",
+        "Share of named attributes whose map peaks inside the region where that attribute is visible.",
+    ),  # fmt: skip
+    (
+        "attribute_map_mass_on_box",
+        "Attribute-map mass on its region",
+        "Share of an attribute map's heat inside the region where that attribute is visible.",
+    ),  # fmt: skip
+    (
+        "zero_class_maps",
+        "All-zero class maps",
+        "Class maps with no positive evidence anywhere: they point nowhere and are left out of the map scores.",
+    ),  # fmt: skip
+    (
+        "zero_attribute_maps",
+        "All-zero attribute maps",
+        "Named attributes whose map is zero everywhere (of 'attribute maps drawn').",
+    ),  # fmt: skip
+    ("attribute_maps", "Attribute maps drawn", "Maps of named attributes over all explanations."),
+    ("attr_mean_ap", "Attribute mean AP", "Average precision per attribute, averaged."),
+]
+
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table.metrics td { padding: 2px 12px 2px 0; }
-.grid { display: flex; flex-wrap: wrap; gap: 14px; }
-.card { width: 230px; border: 1px solid #ddd; border-radius: 6px; padding: 8px; font-size: 13px; }
-.card img { width: 100%; image-rendering: pixelated; border-radius: 4px; }
-.card.wrong { border-color: #d33; background: #fff4f4; }
-.key { color: #777; font-size: 11px; word-break: break-all; }
-.attrs td { padding: 0 6px 0 0; }
+body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; max-width: 1400px; }
+h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table.t { border-collapse: collapse; font-size: 13px; }
+table.t td, table.t th { padding: 3px 10px 3px 0; text-align: left; vertical-align: top; }
+table.t td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.meaning { color: #666; }
+.warn { background: #fff3cd; border: 1px solid #e0c060; padding: 8px 12px; border-radius: 6px; }
+.cols { display: flex; gap: 40px; flex-wrap: wrap; }
+.bar { display: inline-block; height: 10px; background: #4a7; vertical-align: middle; }
+table.conf td { width: 18px; height: 18px; padding: 0; text-align: center; font-size: 10px; }
+.controls { position: sticky; top: 0; background: #fff; padding: 8px 0; z-index: 2; border-bottom: 1px solid #eee; }
+.grid { display: flex; flex-wrap: wrap; gap: 14px; margin-top: 10px; }
+.card { width: 300px; border: 1px solid #ddd; border-radius: 6px; padding: 8px; font-size: 13px; }
+.card.wrong { border-color: #d33; background: #fff6f6; }
+.pair { display: flex; gap: 4px; }
+.pair figure { margin: 0; flex: 1; }
+.pair img, .strip img { width: 100%; border-radius: 3px; display: block; }
+figcaption, .caps { color: #666; font-size: 11px; }
+.caps { display: flex; justify-content: space-around; gap: 4px; }
+.key { color: #888; font-size: 11px; word-break: break-all; }
+.verdict.wrong { color: #c22; font-weight: 600; } .verdict.right { color: #282; }
+"""
+
+_SCRIPT = """
+function applyFilters() {
+  const cls = document.getElementById('f-class').value;
+  const which = document.getElementById('f-which').value;
+  let shown = 0;
+  document.querySelectorAll('.card').forEach(c => {
+    const ok = (cls === 'all' || c.dataset.pred === cls || c.dataset.true === cls)
+      && (which === 'all' || c.dataset.which === which);
+    c.style.display = ok ? '' : 'none';
+    if (ok) shown += 1;
+  });
+  document.getElementById('f-count').textContent = shown + ' cards shown';
+}
+document.addEventListener('DOMContentLoaded', () => {
+  document.getElementById('f-class').addEventListener('change', applyFilters);
+  document.getElementById('f-which').addEventListener('change', applyFilters);
+  applyFilters();
+});
 """
 
 
-def _card(sample: dict[str, Any], classes_seen: dict[int, str]) -> str:
+@dataclass
+class _Entry:
+    shard: int
+    key: str
+    pred: int
+    truth: int | None
+    confidence: float
+
+    @property
+    def wrong(self) -> bool:
+        return self.truth is not None and self.truth != self.pred
+
+
+def _img(data: bytes | None, name: str, alt: str) -> str:
+    if data is None:
+        return ""
+    mime = "image/jpeg" if name.endswith("jpg") else "image/png"
+    return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
+
+
+def _find(sample: dict[str, Any], stem: str) -> tuple[str, bytes] | tuple[None, None]:
+    key = next((k for k in sample if k.startswith(stem + ".")), None)
+    return (key, sample[key]) if key is not None else (None, None)
+
+
+def _card(sample: dict[str, Any], names: dict[int, str]) -> str:
     record = json.loads(sample["json"])
-    overlay_ext = next((k for k in sample if k.startswith("overlay.")), None)
-    image = ""
-    if overlay_ext is not None:
-        mime = "image/jpeg" if overlay_ext.endswith("jpg") else "image/png"
-        image = f'<img alt="class heatmap" src="data:{mime};base64,{base64.b64encode(sample[overlay_ext]).decode()}">'
-    truth = record.get("true_class")
-    wrong = truth is not None and truth != record["class"]
-    truth_line = ""
-    if truth is not None:
-        name = classes_seen.get(truth, f"class {truth}")
-        truth_line = f"<div>{'✗' if wrong else '✓'} true: {html.escape(name)}</div>"
+    truth, pred = record.get("true_class"), record["class"]
+    wrong = truth is not None and truth != pred
+    image_name, image = _find(sample, "image")
+    overlay_name, overlay = _find(sample, "overlay")
+    strip_name, strip = _find(sample, "attr_maps")
+    figures = []
+    if image is not None and image_name is not None:
+        figures.append(f"<figure>{_img(image, image_name, 'image')}<figcaption>image</figcaption></figure>")
+    if overlay is not None and overlay_name is not None:
+        figures.append(f"<figure>{_img(overlay, overlay_name, 'class map')}<figcaption>class map</figcaption></figure>")
+    attrs = record.get("top_attributes", [])
+    strip_html = ""
+    if strip is not None and strip_name is not None and attrs:
+        caps = "".join(f"<span>{html.escape(a['name'])}</span>" for a in attrs)
+        width = min(100, 25 * len(attrs))  # tiles as wide as in a 4-tile strip, whatever their number
+        strip_img = _img(strip, strip_name, "attribute maps")
+        strip_html = f'<div class="strip" style="width:{width}%">{strip_img}<div class="caps">{caps}</div></div>'
+    if truth is None:
+        verdict = "<div>true class unknown</div>"
+    else:
+        mark = "✗ wrong" if wrong else "✓ right"
+        verdict = (f'<div class="verdict {"wrong" if wrong else "right"}">{mark}: true '
+                   f"{html.escape(names.get(truth, f'class {truth}'))}</div>")  # fmt: skip
     rows = "".join(
-        f"<tr><td>{html.escape(a['name'])}</td><td>{a['probability']:.2f}</td><td>{a['contribution']:.2f}</td></tr>"
-        for a in record.get("top_attributes", [])
+        f"<tr><td>{html.escape(a['name'])}{' (instead)' if a.get('role') == 'instead' else ''}</td>"
+        f"<td class='num'>{a['probability']:.2f}</td><td class='num'>{a['contribution']:+.2f}</td></tr>"
+        for a in attrs
+    )
+    table = (f"<table class='t'><tr><th>attribute</th><th>p</th><th>evidence</th></tr>{rows}</table>"
+             if rows else "")  # fmt: skip
+    which = "wrong" if wrong else "right" if truth is not None else "unknown"
+    return (
+        f'<div class="card{" wrong" if wrong else ""}" data-pred="{pred}" data-true="{truth}" data-which="{which}">'
+        f'<div class="pair">{"".join(figures)}</div>{strip_html}'
+        f"<div><b>{html.escape(record['text'])}</b></div>{verdict}{table}"
+        f'<div class="key">{html.escape(sample["__key__"])} · confidence {record["confidence"]:.2f}</div></div>'
+    )
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    rows = []
+    for key, name, meaning in METRIC_TEXT:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        shown = f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+        rows.append(f"<tr><td>{name}</td><td class='num'><b>{shown}</b></td><td class='meaning'>{meaning}</td></tr>")
+    return f"<table class='t'>{''.join(rows)}</table>"
+
+
+def _accuracy_tables(metrics: dict[str, Any]) -> str:
+    def bar(x: float) -> str:
+        return f"<span class='bar' style='width:{int(80 * x)}px'></span>"
+
+    per_class = metrics.get("per_class") or []
+    per_attr = metrics.get("per_attribute") or []
+    if not per_class and not per_attr:
+        return "<p>Run <code>eatdist evaluate</code> on this folder for per-class and per-attribute accuracy.</p>"
+    classes = "".join(
+        f"<tr><td>{html.escape(r['name'])}</td><td class='num'>{r['images']}</td>"
+        f"<td class='num'>{r['top1']:.3f}</td><td>{bar(r['top1'])}</td></tr>"
+        for r in sorted(per_class, key=lambda r: r["top1"])
+    )
+    attrs = "".join(
+        f"<tr><td>{html.escape(r['name'])}</td><td class='num'>{r['acc']:.3f}</td><td>{bar(r['acc'])}</td></tr>"
+        for r in sorted(per_attr, key=lambda r: r["acc"])
     )
     return (
-        f'<div class="card{" wrong" if wrong else ""}">{image}'
-        f"<div><b>{html.escape(record['text'])}</b></div>{truth_line}"
-        f'<table class="attrs"><tr><th>attribute</th><th>p</th><th>contrib.</th></tr>{rows}</table>'
-        f'<div class="key">{html.escape(sample["__key__"])}</div></div>'
+        "<div class='cols'><div><h3>Per class (worst first)</h3><table class='t'><tr><th>class</th>"
+        f"<th>images</th><th>accuracy</th><th></th></tr>{classes}</table></div>"
+        "<div><h3>Per attribute (worst first)</h3><table class='t'><tr><th>attribute</th><th>accuracy</th>"
+        f"<th></th></tr>{attrs}</table></div></div>"
     )
 
 
-def write_report(explanations: str | Path, out: str | Path | None = None, samples: int = 48) -> Path:
-    """Write an HTML page with ``samples`` explained images and the job's scores; return its path.
+def _confusion(metrics: dict[str, Any], names: dict[int, str]) -> str:
+    cells = metrics.get("confusion") or []
+    if not cells:
+        return ""
+    off = sorted((c for c in cells if c[0] != c[1]), key=lambda c: -c[2])[:15]
+    pairs = "".join(
+        f"<tr><td>{html.escape(names.get(t, str(t)))}</td><td>→ {html.escape(names.get(p, str(p)))}</td>"
+        f"<td class='num'>{n}</td></tr>"
+        for t, p, n in off
+    )
+    listing = (f"<h3>Most frequent confusions</h3><table class='t'><tr><th>true</th><th>predicted as</th>"
+               f"<th>images</th></tr>{pairs}</table>" if off else "<p>No confusions.</p>")  # fmt: skip
+    classes = sorted({c[0] for c in cells} | {c[1] for c in cells})
+    if len(classes) > 40:  # a matrix that large is unreadable; the list says it
+        return f"<h2>Confusion</h2>{listing}"
+    counts = {(t, p): n for t, p, n in cells}
+    totals = {t: sum(n for (tt, _), n in counts.items() if tt == t) for t in classes}
+    rows = []
+    for t in classes:
+        tds = []
+        for p in classes:
+            n = counts.get((t, p), 0)
+            share = n / totals[t] if totals[t] else 0.0
+            colour = f"rgba(40,120,60,{share:.2f})" if t == p else f"rgba(210,40,40,{min(1.0, 3 * share):.2f})"
+            tip = html.escape(f"true {names.get(t, t)} → predicted {names.get(p, p)}: {n}")
+            tds.append(f"<td title='{tip}' style='background:{colour}'>{n or ''}</td>")
+        rows.append(f"<tr><th class='num'>{t}</th>{''.join(tds)}</tr>")
+    header = "".join(f"<th>{p}</th>" for p in classes)
+    legend = "".join(f"<tr><td class='num'>{c}</td><td>{html.escape(names.get(c, str(c)))}</td></tr>" for c in classes)
+    matrix = (f"<table class='conf'><tr><th>true ↓ / predicted →</th>{header}</tr>{''.join(rows)}</table>"
+              f"<p class='meaning'>Rows: true class; columns: predicted. Green: right; red: confused.</p>")  # fmt: skip
+    return (f"<h2>Confusion</h2><div class='cols'><div>{matrix}</div><div>{listing}</div>"
+            f"<div><h3>Classes</h3><table class='t'>{legend}</table></div></div>")  # fmt: skip
 
-    Images are embedded, so the page can be mailed or archived alone. Raises:
+
+def write_report(explanations: str | Path, out: str | Path | None = None, samples: int = 240) -> Path:
+    """Write the HTML page of the job in ``explanations`` (see the module docstring); return its path.
+
+    At most ``samples`` cards: mistakes first, then the least confident predictions. Images are
+    embedded, so the page can be mailed or archived alone. Raises:
         DataError: when ``explanations`` holds no explanation shards.
     """
     folder = Path(explanations)
     shards = sorted(folder.glob("*.tar"))
     if not shards:
         raise DataError(f"no explanation shards (*.tar) in {folder}")
-    picked: list[dict[str, Any]] = []
-    classes_seen: dict[int, str] = {}
-    for shard in shards:
+    entries: list[_Entry] = []
+    names: dict[int, str] = {}
+    model_id, check = "", {}
+    for s, shard in enumerate(shards):
         for sample in iter_shard(shard):
             record = json.loads(sample["json"])
-            classes_seen[record["class"]] = record["class_name"]
-            if len(picked) < samples:
-                picked.append(sample)
+            names[record["class"]] = record["class_name"]
+            model_id = model_id or record.get("model_id", "")
+            check = check or record.get("attribute_check", {})
+            entries.append(_Entry(s, sample["__key__"], record["class"], record.get("true_class"),
+                                  float(record.get("confidence", 0.0))))  # fmt: skip
+    ordered = sorted(entries, key=lambda e: (not e.wrong, e.confidence))
+    chosen = ordered[:samples]
+    wanted = {(e.shard, e.key): i for i, e in enumerate(chosen)}
+    cards: list[str] = [""] * len(chosen)
+    for s in sorted({e.shard for e in chosen}):
+        for sample in iter_shard(shards[s]):
+            i = wanted.get((s, sample["__key__"]))
+            if i is not None:
+                cards[i] = _card(sample, names)
     metrics: dict[str, Any] = {}
-    for name in (SUMMARY, EVALUATION_FILE):
+    for name in (SUMMARY, EVALUATION_FILE, BREAKDOWN_FILE):
         path = folder / name
         if path.is_file():
-            data = json.loads(path.read_text())
-            metrics.update({k: v for k, v in data.items() if isinstance(v, (int, float, str)) and k != "output"})
-    metric_rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in metrics.items()
+            metrics.update(json.loads(path.read_text()))
+    wrong = sum(e.wrong for e in entries)
+    known = sum(e.truth is not None for e in entries)
+    shown_wrong = sum(e.wrong for e in chosen)
+    if len(chosen) < len(entries):
+        sampling = (f"Showing {len(chosen)} of {len(entries)} explanations: {shown_wrong} of the {wrong} "
+                    "mistakes, then the least confident of the rest (in that order, not at random).")  # fmt: skip
+    else:
+        sampling = f"Showing all {len(entries)} explanations, mistakes first, then by rising confidence."
+    warning = ""
+    if check and not check.get("reliable", True):
+        warning = f"<p class='warn'>⚠ {html.escape(check.get('message', ''))}</p>"
+    class_options = "".join(
+        f"<option value='{c}'>{html.escape(n)}</option>" for c, n in sorted(names.items(), key=lambda x: x[1])
     )
-    model_id = json.loads(picked[0]["json"]).get("model_id", "") if picked else ""
+    controls = (
+        "<div class='controls'>Class: <select id='f-class'><option value='all'>all classes</option>"
+        f"{class_options}</select> Show: <select id='f-which'><option value='all'>right and wrong</option>"
+        "<option value='wrong'>mistakes only</option><option value='right'>right only</option></select> "
+        "<span id='f-count'></span></div>"
+    )
+    title = f"eatdist report: {folder.name}"
     page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>eatdist report: {html.escape(folder.name)}</title>"
-        f"<style>{_STYLE}</style></head><body>"
-        f"<h1>Explanations in {html.escape(str(folder))}</h1><p>model {html.escape(model_id)}</p>"
-        f"<table class='metrics'>{metric_rows}</table>"
-        f"<h2>{len(picked)} explained images</h2><div class='grid'>"
-        + "".join(_card(s, classes_seen) for s in picked)
-        + "</div></body></html>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>"
+        f"<h1>Explanations in {html.escape(str(folder))}</h1>"
+        f"<p>Model <code>{html.escape(model_id)}</code>; {len(entries)} images explained"
+        + (f", {wrong} of {known} with a known class predicted wrong" if known else "")
+        + f".</p>{warning}<h2>Summary</h2>{_metrics_table(metrics)}"
+        f"<h2>Accuracy by class and attribute</h2>{_accuracy_tables(metrics)}{_confusion(metrics, names)}"
+        f"<h2>Explanations</h2><p>{sampling} Each card: the image, the class map over it (heat fades to "
+        "transparent where the model does not look; the white line is where the map passes half its peak), "
+        "the maps of the named attributes in the order of the table, the text, and the true class. "
+        "'evidence' is the part of the class score along the attribute (see the README).</p>"
+        f"{controls}<div class='grid'>{''.join(cards)}</div></body></html>"
     )
     target = Path(out) if out is not None else folder / REPORT_FILE
     target.write_text(page, encoding="utf-8")

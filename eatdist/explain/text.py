@@ -1,22 +1,119 @@
-"""Textual explanations: the predicted class and the attributes that support it, in words."""
+"""Textual explanations: what the model sees in *this* image that supports its class, in words.
+
+The rule (documented in the README, section "Explanation"):
+
+1. **Only what the model sees.** An attribute is named only when the model predicts it present,
+   ``p(attribute) > explain.attr_threshold`` (0.5). A class's usual attributes that the image
+   does not show are never listed as reasons.
+2. **Ranked by evidence from this image.** Both heads read the same pooled feature vector
+   ``f``. The share of the class score ``s_c = w_c · f`` that lies along attribute ``a``'s
+   direction ``u_a`` (the attribute head's weight row) is ``(w_c · û_a)(û_a · f)``, with
+   ``û_a = u_a / |u_a|``: how strongly the class score depends on that direction times how much
+   of it this image's features carry. It is in class-logit units, differs from image to image,
+   and is negative for an attribute that argues against the class. That is the
+   ``contribution``; the text names the top ``explain.top_k`` present attributes with a
+   positive contribution. Non-linear heads use the gradients at ``f`` in place of ``w_c`` and
+   ``u_a`` (a first-order version of the same quantity). Ranking by the dataset's class ×
+   attribute matrix instead would restate the class prior and name what the class usually
+   has, not what the image shows.
+3. **What the image lacks, said apart.** A characteristic attribute of the predicted class
+   (``class_attributes[class, a] >= 0.5``) that the model finds absent is reported after the
+   reasons (at most ``explain.max_contrasts``), together with what the image shows instead in
+   the same group: "…, although it has a black top rather than a white top".
+4. **Grouped for reading.** Attributes of one group are joined ("bill shape: dagger and
+   needle"); plain names read with an article ("a red body").
+5. **A warning when the attributes cannot be trusted.** A model whose validation attribute
+   accuracy is near chance (:func:`attribute_check`) gets a flag in every explanation.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
+from eatdist.models.eat import EATModel, linear_weight
 
-def attribute_contributions(
-    attr_probs: torch.Tensor, classes: torch.Tensor, class_attributes: torch.Tensor | None
-) -> torch.Tensor:
-    """Return ``[B, A]`` contributions of each attribute to each image's predicted class.
+# "characteristic of a class": at least half of its images have the attribute
+CHARACTERISTIC = 0.5
 
-    An attribute contributes what the image shows of it times how characteristic it is of the
-    class: ``p(attribute) * class_attributes[class, attribute]``. Without a class × attribute
-    matrix the contribution is the probability alone.
+
+def attribute_contributions(model: EATModel, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Return ``[B, A]``: the part of each image's predicted-class score along each attribute direction.
+
+    ``features`` is the ``[B, C, H, W]`` feature map; the contribution of attribute ``a`` to class
+    ``c`` is ``(g_c · û_a)(û_a · f)`` with ``f`` the pooled features, ``g_c`` the class score's
+    gradient at ``f`` and ``û_a`` the attribute logit's unit gradient (for linear heads: the
+    weight rows). See the module docstring for why.
     """
-    if class_attributes is None:
-        return attr_probs
-    return attr_probs * class_attributes.to(attr_probs)[classes]
+    pooled = features.float().mean(dim=(2, 3))
+    w_class, w_attr = linear_weight(model.class_head), linear_weight(model.attr_head)
+    if w_class is not None and w_attr is not None:
+        g_class = w_class.float()[classes]  # [B, C]
+        unit = w_attr.float() / w_attr.float().norm(dim=1, keepdim=True).clamp(min=1e-12)  # [A, C]
+        return (g_class @ unit.T) * (pooled @ unit.T)
+    with torch.enable_grad():
+        x = pooled.detach().requires_grad_(True)
+        score = model.class_head(x).gather(1, classes[:, None]).sum()
+        (g_class,) = torch.autograd.grad(score, x)
+        attr = model.attr_head(x)  # [B, A]
+        count = attr.shape[1]
+        selectors = torch.eye(count, dtype=attr.dtype, device=attr.device)[:, None, :].expand(count, *attr.shape)
+        (g_attr,) = torch.autograd.grad(attr, x, grad_outputs=selectors.contiguous(), is_grads_batched=True)
+    unit = g_attr / g_attr.norm(dim=2, keepdim=True).clamp(min=1e-12)  # [A, B, C]
+    return (torch.einsum("bc,abc->ba", g_class, unit) * torch.einsum("bc,abc->ba", x.detach(), unit)).detach()
+
+
+@dataclass
+class Named:
+    """One attribute the text names: its index, why it is named, and (for a contrast) what it replaces."""
+
+    index: int
+    role: str  # "supports": a reason for the class; "instead": shown where a characteristic one is missing
+    instead_of: int | None = None
+
+
+def choose_attributes(
+    probs: list[float],
+    contributions: list[float],
+    class_row: list[float] | None,
+    groups: dict[int, str],
+    top_k: int,
+    threshold: float,
+    max_contrasts: int,
+) -> tuple[list[Named], list[tuple[int, int | None]]]:
+    """Pick the attributes one image's text names; return (named, contrasts).
+
+    ``named`` holds up to ``top_k`` present attributes (``p > threshold``) with a positive
+    contribution, best first (role "supports"), then the attributes shown instead of missing
+    characteristic ones that are not reasons already (role "instead"). ``contrasts`` pairs each
+    of up to ``max_contrasts`` characteristic attributes of the class that the image lacks
+    (``p <= threshold``; most characteristic first) with the most probable present attribute of
+    its group, or None when the group shows nothing.
+    """
+    present = [a for a, p in enumerate(probs) if p > threshold]
+    supports = sorted((a for a in present if contributions[a] > 0), key=lambda a: -contributions[a])[:top_k]
+    named = [Named(a, "supports") for a in supports]
+    contrasts: list[tuple[int, int | None]] = []
+    if class_row is not None and max_contrasts > 0:
+        missing = [a for a, freq in enumerate(class_row) if freq >= CHARACTERISTIC and probs[a] <= threshold]
+        taken = set(supports)
+        for a in sorted(missing, key=lambda a: (-class_row[a], probs[a]))[:max_contrasts]:
+            group = groups.get(a)
+            shown = [b for b in present if group is not None and groups.get(b) == group]
+            best = max(shown, key=lambda b: probs[b]) if shown else None
+            contrasts.append((a, best))
+            if best is not None and best not in taken:
+                named.append(Named(best, "instead", instead_of=a))
+                taken.add(best)
+    return named, contrasts
+
+
+def _value(name: str, group: str | None) -> str | None:
+    """The value part of a "group: value" name (CUB style), or None for a plain name."""
+    head, sep, value = name.partition(": ")
+    return value if sep and (group is None or head == group) else None
 
 
 def _phrase(name: str) -> str:
@@ -26,10 +123,102 @@ def _phrase(name: str) -> str:
     return f"{article} {name}"
 
 
-def explanation_text(class_name: str, confidence: float, attribute_names: list[str]) -> str:
-    """Return e.g. ``"red disc (94%): because it has a red body, a striped pattern and a small size"``."""
-    phrases = [_phrase(n) for n in attribute_names]
-    if not phrases:
-        return f"{class_name} ({confidence:.0%})"
-    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return f"{class_name} ({confidence:.0%}): because it has {listed}"
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def grouped_phrases(names: list[str], groups: list[str | None]) -> list[str]:
+    """Return reading phrases, one per group in first-seen order: "bill shape: dagger and needle", "a red body"."""
+    order: list[str | None] = []
+    members: dict[str | None, list[str]] = {}
+    for i, (name, group) in enumerate(zip(names, groups, strict=True)):
+        key = group if group is not None and _value(name, group) is not None else f"\0{i}"
+        if key not in members:
+            order.append(key)
+            members[key] = []
+        members[key].append(name)
+    phrases = []
+    for key in order:
+        items = members[key]
+        if len(items) > 1:
+            values = [_value(n, key) or n for n in items]
+            phrases.append(f"{key}: {_join(values)}")
+        else:
+            phrases.append(_phrase(items[0]))
+    return phrases
+
+
+def explanation_text(
+    class_name: str,
+    confidence: float,
+    attribute_names: list[str],
+    contrasts: list[tuple[str, str | None]] | None = None,
+    groups: list[str | None] | None = None,
+    warning: str | None = None,
+) -> str:
+    """Return e.g. ``"red disc (94%): because it has a red body and a striped pattern"``.
+
+    ``attribute_names`` are the reasons, best first (``groups`` gives each one's group, to join
+    values of one group); ``contrasts`` are (characteristic attribute the image lacks, what it
+    shows instead or None), said after the reasons ("although it has a black top rather than a
+    white top"); ``warning`` is appended in brackets.
+    """
+    text = f"{class_name} ({confidence:.0%})"
+    if attribute_names:
+        phrases = grouped_phrases(attribute_names, groups or [None] * len(attribute_names))
+        # "group: a and b" phrases would run together joined by "and": list them with semicolons
+        listed = "; ".join(phrases) if any(":" in ph for ph in phrases) else _join(phrases)
+        text += f": because it has {listed}"
+    clauses = []
+    for lacked, shown in contrasts or []:
+        lacked_value = _value(lacked, None)
+        if shown is None:
+            clauses.append(f"it lacks {_phrase(lacked)}")
+        elif lacked_value is not None and _value(shown, None) is not None:
+            group = lacked.partition(": ")[0]
+            clauses.append(f"its {group} is {_value(shown, None)}, not {lacked_value}")
+        else:
+            clauses.append(f"it has {_phrase(shown)} rather than {_phrase(lacked)}")
+    if clauses:
+        text += (", although " if attribute_names else ": although ") + " and ".join(clauses)
+    if warning:
+        text += f" [{warning}]"
+    return text
+
+
+def attribute_check(
+    metrics: dict[str, float], class_attributes: list[list[float]] | None, min_acc: float, min_gain: float
+) -> dict[str, Any]:
+    """Judge whether a package's attribute predictions can be trusted; return a json-ready verdict.
+
+    Reads the validation attribute accuracy the trainer stored in the package's ``metrics``
+    (``val_attr_acc``, or any ``*_attr_acc`` of a validation split). *Chance* is what always
+    answering each attribute's more common value scores, with classes equally likely (from
+    ``class_attributes``; 0.5 without it). The verdict is ``near_chance`` when the accuracy is
+    below ``min_acc`` or not more than ``min_gain`` above chance (a model trained with
+    ``loss.attr_weight=0`` lands here: its attribute head is untrained), ``unknown`` when the
+    package records no attribute accuracy, else ``ok``; a package whose ``metrics`` record
+    ``attr_weight`` 0 (the trainer stores ``loss.attr_weight``) is ``near_chance`` whatever its
+    accuracy. Keys: ``status``, ``reliable``
+    (False only for ``near_chance``), ``val_attr_acc``, ``chance``, ``message``.
+    """
+    acc = metrics.get("val_attr_acc")
+    if acc is None:
+        acc = next((v for k, v in sorted(metrics.items()) if k.endswith("_attr_acc") and "val" in k), None)
+    if class_attributes:
+        columns = list(zip(*class_attributes, strict=True))
+        chance = sum(max(sum(col) / len(col), 1 - sum(col) / len(col)) for col in columns) / len(columns)
+    else:
+        chance = 0.5
+    verdict: dict[str, Any] = {"val_attr_acc": acc, "chance": round(chance, 4)}
+    if metrics.get("attr_weight") == 0.0:  # the trainer records loss.attr_weight: the baseline said so
+        message = "attributes unreliable: the model was trained without the attribute task (loss.attr_weight=0)"
+        return {**verdict, "status": "near_chance", "reliable": False, "message": message}
+    if acc is None:
+        return {**verdict, "status": "unknown", "reliable": True,
+                "message": "the package records no validation attribute accuracy"}  # fmt: skip
+    if acc < min_acc or acc <= chance + min_gain:
+        message = (f"attributes unreliable: validation attribute accuracy {acc:.2f} is near chance "
+                   f"({chance:.2f}); was the attribute head trained (loss.attr_weight > 0)?")  # fmt: skip
+        return {**verdict, "status": "near_chance", "reliable": False, "message": message}
+    return {**verdict, "status": "ok", "reliable": True, "message": ""}

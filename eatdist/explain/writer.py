@@ -1,10 +1,10 @@
 """Encoding and writing explanation shards in a thread, behind a bounded queue.
 
 The main thread hands over each batch's host arrays and goes on to the next batch; this thread
-builds the json, text, ``heatmaps.npy`` and overlay of every image, writes the tar under a temporary
-name and, at the end of a shard, writes its report and renames it into place — if the claim is
-still held. The queue holds at most ``queue_batches`` batches, so memory stays flat whatever
-the speed of either side.
+builds every image's json, text, ``heatmaps.npy``, the image itself, its class overlay and its
+attribute-map strip, writes the tar under a temporary name and, at the end of a shard, writes
+its report and renames it into place — if the claim is still held. The queue holds at most
+``queue_batches`` batches, so memory stays flat whatever the speed of either side.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from PIL import Image
 from eatdist.data.shards import AtomicShardWriter
 from eatdist.explain.explainer import BatchResult
 from eatdist.explain.loader import Chunk
-from eatdist.explain.overlay import overlay
+from eatdist.explain.overlay import attribute_strip, encode, overlay
 from eatdist.models.package import PackageMeta
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,14 @@ class ShardWriterThread:
                 finally:
                     self._queue.task_done()
         except BaseException as exc:  # handed to the main thread, which raises it
+            if isinstance(exc, OSError) and exc.filename is None and report is not None:
+                exc.filename = report.output  # "disk full" alone does not say where
             self._error = exc
             if writer is not None:
-                writer.__exit__(type(exc), exc, None)
+                try:
+                    writer.__exit__(type(exc), exc, None)
+                except BaseException:  # noqa: BLE001  (the first error is the one to report)
+                    pass
             while True:  # unblock a main thread waiting on a full queue or on join()
                 try:
                     self._queue.get_nowait()
@@ -176,18 +181,22 @@ class ShardWriterThread:
             record = dict(result.record(b, self.meta), source_shard=name)
             if chunk.truths[b] is not None:
                 record["true_class"] = chunk.truths[b]
-            maps = result.maps[b]
-            samples.append(
-                {
-                    "__key__": key,
-                    "json": json.dumps(record).encode(),
-                    "txt": record["text"].encode(),
-                    "heatmaps.npy": npy_bytes(maps),
-                    f"overlay.{self.fmt}": overlay(
-                        Image.fromarray(chunk.images[b]), maps[0].astype(np.float32), self.alpha, self.fmt
-                    ),
-                }
-            )
+            maps = result.image_maps(b)
+            image = Image.fromarray(chunk.images[b])
+            heat = maps.astype(np.float32)
+            sample = {
+                "__key__": key,
+                "json": json.dumps(record).encode(),
+                "txt": record["text"].encode(),
+                "heatmaps.npy": npy_bytes(maps),
+                # the original beside the overlays, so people can compare colours and shapes
+                f"image.{self.fmt}": encode(image, self.fmt),
+                f"overlay.{self.fmt}": overlay(image, heat[0], self.alpha, self.fmt),
+            }
+            strip = attribute_strip(image, heat[1:], self.alpha, self.fmt)
+            if strip is not None:
+                sample[f"attr_maps.{self.fmt}"] = strip
+            samples.append(sample)
         encoded = time.perf_counter()
         for sample in samples:
             writer.write(sample)

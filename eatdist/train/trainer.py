@@ -546,7 +546,8 @@ class Trainer:
             class_attributes=self.info.class_attributes,
             preprocess=self.preprocess.to_json(),
             dataset=self.info.name,
-            metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
+            # loss.attr_weight travels with the package: explanations of a baseline (0) are flagged.
+            metrics={**{k: v for k, v in metrics.items() if isinstance(v, float)}, "attr_weight": cfg.loss.attr_weight},
         )
 
     def export(self, metrics: dict[str, Any], folder: str = "model") -> Path:
