@@ -81,6 +81,24 @@ def write_corpus(
     return info
 
 
+def untrained_package(corpus: DatasetInfo, folder: Path) -> Path:
+    """An untrained test_resnet package over ``corpus`` (32 px): explanation mechanics need no training."""
+    from eatdist.models.package import PackageMeta, build_model, save_package
+
+    model = build_model("test_resnet", {"output_stride": 16}, corpus.num_classes, corpus.num_attributes)
+    meta = PackageMeta(
+        backbone="test_resnet",
+        backbone_args={"output_stride": 16},
+        classes=corpus.classes,
+        attributes=corpus.attributes,
+        attribute_groups=corpus.attribute_groups,
+        class_attributes=corpus.class_attributes,
+        preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        dataset="tiny",
+    )
+    return save_package(folder / "model", model.eval(), meta)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> DatasetInfo:
     """Train 3 shards (160, 96, 64), val 2 shards, test 1 shard, 32 px."""

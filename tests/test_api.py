@@ -11,29 +11,17 @@ import torch
 from PIL import Image
 
 import eatdist
-from conftest import REPO
+from conftest import REPO, untrained_package
 from eatdist.config import ExplainConfig
 from eatdist.data.shards import AtomicShardWriter, iter_shard
 from eatdist.errors import DataError
 from eatdist.explain.job import run_explain
-from eatdist.models.package import PackageMeta, build_model, save_package
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory, tiny_corpus):
     torch.manual_seed(1)
-    model = build_model("test_resnet", {"output_stride": 16}, tiny_corpus.num_classes, tiny_corpus.num_attributes)
-    meta = PackageMeta(
-        backbone="test_resnet",
-        backbone_args={"output_stride": 16},
-        classes=tiny_corpus.classes,
-        attributes=tiny_corpus.attributes,
-        attribute_groups=tiny_corpus.attribute_groups,
-        class_attributes=tiny_corpus.class_attributes,
-        preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
-        dataset="tiny",
-    )
-    return save_package(tmp_path_factory.mktemp("pkg") / "model", model.eval(), meta)
+    return untrained_package(tiny_corpus, tmp_path_factory.mktemp("pkg"))
 
 
 @pytest.fixture(scope="module")

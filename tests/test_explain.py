@@ -10,28 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, cpu_env, write_corpus
+from conftest import REPO, cpu_env, untrained_package, write_corpus
 from eatdist.config import ExplainConfig
 from eatdist.data.shards import iter_shard
 from eatdist.explain.job import resolve_inputs, run_explain
 from eatdist.explain.text import attribute_check, choose_attributes, explanation_text
-from eatdist.models.package import PackageMeta, build_model, load_package, save_package
+from eatdist.models.package import build_model, load_package
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory, tiny_corpus):
     """An (untrained) model package over the tiny corpus: explanation mechanics need no training."""
-    model = build_model("test_resnet", {"output_stride": 16}, tiny_corpus.num_classes, tiny_corpus.num_attributes)
-    meta = PackageMeta(
-        backbone="test_resnet",
-        backbone_args={"output_stride": 16},
-        classes=tiny_corpus.classes,
-        attributes=tiny_corpus.attributes,
-        class_attributes=tiny_corpus.class_attributes,
-        preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
-        dataset="tiny",
-    )
-    return save_package(tmp_path_factory.mktemp("pkg") / "model", model.eval(), meta)
+    return untrained_package(tiny_corpus, tmp_path_factory.mktemp("pkg"))
 
 
 def keys_of(paths):

@@ -15,29 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cpu_env, write_corpus
+from conftest import REPO, cpu_env, untrained_package, write_corpus
 from eatdist.config import ExplainConfig
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
 from eatdist.explain.claims import ClaimBoard, Owner
 from eatdist.explain.job import job_status, run_explain
-from eatdist.models.package import PackageMeta, build_model, save_package
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     corpus = write_corpus(tmp_path_factory.mktemp("pc"), {"test": [1]})
-    model = build_model("test_resnet", {"output_stride": 16}, corpus.num_classes, corpus.num_attributes)
-    meta = PackageMeta(
-        backbone="test_resnet",
-        backbone_args={"output_stride": 16},
-        classes=corpus.classes,
-        attributes=corpus.attributes,
-        class_attributes=corpus.class_attributes,
-        preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
-        dataset="tiny",
-    )
-    return save_package(tmp_path_factory.mktemp("pkg") / "model", model.eval(), meta)
+    return untrained_package(corpus, tmp_path_factory.mktemp("pkg"))
 
 
 def keys_of(paths):

@@ -153,5 +153,6 @@ def test_train_and_explain_with_the_plugin_backbone(tmp_path, plugin_path):
     assert result.returncode == 0
     sample = next(iter_shard(tmp_path / "expl" / "test-000000.tar"))
     assert json.loads(sample["json"])["model_id"].startswith("tiny-tinycnn-")
-    # TinyCNN has stride 8: a 32 px input gives 4 x 4 maps
-    assert b"(4, 4, 4)" in sample["heatmaps.npy"][:128]
+    # TinyCNN has stride 8: a 32 px input gives 4 x 4 maps, one for the class and each named attribute
+    named = len(json.loads(sample["json"])["top_attributes"])
+    assert f"({1 + named}, 4, 4)".encode() in sample["heatmaps.npy"][:128]
