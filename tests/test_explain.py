@@ -56,7 +56,8 @@ def test_explanation_shards_follow_contract_4(tmp_path, tiny_corpus, package):
         assert len(supports) <= 3
         assert all(a["contribution"] >= 0 for a in supports)  # > 0 before rounding to 5 places
         assert [a["contribution"] for a in supports] == sorted((a["contribution"] for a in supports), reverse=True)
-        assert all(a["probability"] > 0.5 for a in r["top_attributes"])
+        # (the json rounds to 5 digits: an untrained model's 0.500002 reads 0.5)
+        assert all(a["probability"] >= 0.5 for a in r["top_attributes"])
         assert all(x["probability"] <= 0.5 for x in r["lacks"])
         assert r["attribute_check"]["status"] == "unknown"  # an untrained package records no metrics
     assert any(r["top_attributes"] for r in records)

@@ -49,18 +49,32 @@ def start(cmd):
                             text=True, start_new_session=True)  # fmt: skip
 
 
-def kill_group(proc):
-    """SIGKILL the run and every process under it (the launcher starts ranks in sessions of their own)."""
+def process_tree(proc):
     import psutil
 
-    tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    try:
+        return [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return [proc.pid]
+
+
+def kill_group(proc, tree=None):
+    """SIGKILL the run and every process under it (the launcher starts ranks in sessions of their own).
+
+    ``tree``, listed beforehand, is killed first: no time lost listing it when the moment matters.
+    """
+    import psutil
+
+    killed = []
+    for pids in (tree or [], process_tree(proc)):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
     proc.wait()
-    psutil.wait_procs([p for p in psutil.process_iter() if p.pid in tree[1:]], timeout=30)
+    psutil.wait_procs([p for p in psutil.process_iter() if p.pid in killed and p.pid != proc.pid], timeout=30)
 
 
 def partials(out):
@@ -79,6 +93,22 @@ def wait_for(predicate, proc, timeout=240):
     raise AssertionError("timed out")
 
 
+def wait_for_write(out, proc, stale, timeout=240):
+    """Wait until a checkpoint is being written (a new ``.partial``); return the processes to kill,
+    listed ahead so the kill is instant, or None when the run ended first."""
+    tree, listed = [proc.pid], 0.0
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if set(partials(out)) - stale:
+            return tree
+        if proc.poll() is not None:
+            return None
+        if time.time() - listed > 0.2:  # ranks and loader workers start late: keep the list fresh
+            tree, listed = process_tree(proc), time.time()
+        time.sleep(0.001)
+    raise AssertionError("timed out")
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigkill_at_random_steps_resumes_to_bitwise_equal_weights(tmp_path, corpus, processes):
     extra = ["train.epochs=2", f"train.checkpoint_every={EVERY}", "train.keep_checkpoints=2"]
@@ -86,22 +116,26 @@ def test_sigkill_at_random_steps_resumes_to_bitwise_equal_weights(tmp_path, corp
     assert run(command(corpus, reference, processes, *extra), timeout=400).returncode == 0
     out = tmp_path / "killed"
     rng = random.Random(processes)
-    kills, during_write = 0, 0
+    kills, during_write, attempts = 0, 0, 0
     resume = []
-    while kills < 3:
+    while (kills < 3 or not during_write) and attempts < 8:
+        attempts += 1
         proc = start(command(corpus, out, processes, *extra, *resume))
         resume = ["--resume"]
-        if kills == 0:
-            # the first kill lands while a checkpoint is being written
-            landed = wait_for(lambda: bool(partials(out)), proc)
+        if not during_write:
+            # a kill that lands while a checkpoint is being written (retried until one does)
+            stale = set(partials(out))  # left by an earlier kill; the next save removes it
+            tree = wait_for_write(out, proc, stale)
+            landed = tree is not None
         else:
             target = len(logged_steps(out)) + rng.randint(1, 10)
-            landed = wait_for(lambda target=target: len(logged_steps(out)) >= target, proc)
+            landed, tree = wait_for(lambda target=target: len(logged_steps(out)) >= target, proc), None
         if not landed:  # the run finished before the kill: nothing left to interrupt
             break
-        kill_group(proc)
+        kill_group(proc, tree)
         kills += 1
-        during_write += bool(partials(out))
+        if not during_write:
+            during_write += bool(set(partials(out)) - stale)
         steps = logged_steps(out)
         saved = latest_state(out)["global_step"] if list((out / "checkpoints").glob("step-*")) else 0
         assert max(steps) - saved <= EVERY  # work lost per kill: at most checkpoint_every steps
