@@ -28,20 +28,28 @@ def _curve(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple
     return tps, fps
 
 
+def _weighted_curve(
+    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cumulative true and false positives of the entries of positive weight; None when there are none."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
+    w = np.ones_like(scores) if weights is None else np.asarray(weights, np.float64)
+    keep = w > 0
+    if not keep.any():
+        return None
+    return _curve(scores[keep], labels[keep], w[keep])
+
+
 def average_precision(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float | None:
     """Return the average precision (sum over thresholds of recall gained times precision).
 
     The step-wise definition of scikit-learn's ``average_precision_score``, with ties as one
     threshold. Returns None when there is no positive of positive weight.
     """
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
-    w = np.ones_like(scores) if weights is None else np.asarray(weights, np.float64)
-    keep = w > 0
-    if not keep.any():
+    curve = _weighted_curve(scores, labels, weights)
+    if curve is None or curve[0][-1] <= 0:
         return None
-    tps, fps = _curve(scores[keep], labels[keep], w[keep])
-    if tps[-1] <= 0:
-        return None
+    tps, fps = curve
     precision = tps / np.maximum(tps + fps, np.finfo(np.float64).tiny)
     recall = tps / tps[-1]
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
@@ -52,14 +60,10 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None =
 
     Returns None when the entries of positive weight hold only one class.
     """
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
-    w = np.ones_like(scores) if weights is None else np.asarray(weights, np.float64)
-    keep = w > 0
-    if not keep.any():
+    curve = _weighted_curve(scores, labels, weights)
+    if curve is None or curve[0][-1] <= 0 or curve[1][-1] <= 0:
         return None
-    tps, fps = _curve(scores[keep], labels[keep], w[keep])
-    if tps[-1] <= 0 or fps[-1] <= 0:
-        return None
+    tps, fps = curve
     tpr, fpr = np.r_[0.0, tps / tps[-1]], np.r_[0.0, fps / fps[-1]]
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
 
