@@ -26,6 +26,15 @@ from eatdist.data.synth import (
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
+# A tiny training run: test_resnet on 32 px images, 2 loader workers, logs every 5 steps.
+TINY_TRAIN = [
+    "model.backbone=test_resnet",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=2",
+    "data.shuffle_buffer=20",
+    "train.log_every=5",
+]
 
 
 def write_corpus(

@@ -6,20 +6,13 @@ from collections import Counter
 
 import pytest
 
-from conftest import accelerate_launch, free_port, latest_state, run, write_corpus
+from conftest import TINY_TRAIN, accelerate_launch, free_port, latest_state, run, write_corpus
 from eatdist.data.shards import iter_shard
 from eatdist.models.package import load_package
 
 pytestmark = pytest.mark.slow
 
-TRAIN = [
-    "model.backbone=test_resnet",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.num_workers=2",
-    "data.shuffle_buffer=20",
-    "train.log_every=5",
-]
+TRAIN = TINY_TRAIN
 
 
 def test_two_process_training_on_uneven_shards(tmp_path):

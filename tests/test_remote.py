@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 import webdataset as wds
 
-from conftest import accelerate_launch, cpu_env, free_port, run, write_corpus
+from conftest import TINY_TRAIN, accelerate_launch, cpu_env, free_port, run, write_corpus
 from eatdist.data.check import check_corpus
 from eatdist.data.corpus import load_dataset_info
 from eatdist.data.inputs import resolve_shards
@@ -341,15 +341,7 @@ def test_s3_reads_seek_with_the_index(s3, http):
 
 # ----------------------------------------------------------------------------- acceptance: real runs
 
-TRAIN = [
-    "model.backbone=test_resnet",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.num_workers=2",
-    "data.shuffle_buffer=20",
-    "train.epochs=1",
-    "train.log_every=5",
-]
+TRAIN = [*TINY_TRAIN, "train.epochs=1"]
 
 
 def rank0(out: Path) -> dict:
