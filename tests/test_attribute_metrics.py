@@ -4,8 +4,16 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
-from eatdist.metrics.attributes import attribute_table, average_precision, ranked, roc_auc, summary_line
+from eatdist.metrics.attributes import (
+    AttributeScores,
+    attribute_table,
+    average_precision,
+    ranked,
+    roc_auc,
+    summary_line,
+)
 
 
 def brute_auc(scores, labels):
@@ -68,3 +76,32 @@ def test_table_rows_and_groups_add_up_to_the_aggregate_accuracy():
     assert best[0]["accuracy"] == max(r["accuracy"] for r in rows)
     line = summary_line(table)
     assert "worst attributes: " + worst[0]["name"] in line and "mean AP" in line
+
+
+def corpus_like(seed, n=400, a=12):
+    """Predictions with ties, masked entries, an attribute with no positive, one never annotated."""
+    rng = np.random.default_rng(seed)
+    truth = (rng.random((n, a)) < 0.4).astype(float)
+    probs = np.round(np.clip(truth * 0.5 + rng.random((n, a)) * 0.6, 0, 1), 2).astype(np.float32)
+    mask = (rng.random((n, a)) < 0.85).astype(float)
+    truth[:, 3], mask[:, 4], truth[:, 5] = 0.0, 0.0, 1.0
+    return probs, truth, mask
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_torchmetrics_scores_equal_the_hand_written_ones(seed):
+    probs, truth, mask = corpus_like(seed)
+    a = probs.shape[1]
+    names, groups = [f"has {i}" for i in range(a)], {"first": [0, 1, 2, 3], "rest": list(range(4, a))}
+    scores = AttributeScores(a, sync_on_compute=False)
+    for part in np.array_split(np.arange(len(probs)), 3):  # batches, as the trainer feeds them
+        scores.update(*(torch.tensor(x[part]) for x in (probs, truth, mask)))
+    raw = scores.compute()
+    for k in range(a):
+        for ours, theirs in ((average_precision, raw["ap"]), (roc_auc, raw["auc"])):
+            expected = ours(probs[:, k], truth[:, k], mask[:, k])
+            if expected is None:
+                assert torch.isnan(theirs[k])
+            else:
+                assert abs(float(theirs[k]) - expected) <= 1e-6
+    assert scores.table(names, groups) == attribute_table(probs, truth, mask, names, groups)

@@ -9,10 +9,16 @@ as in the aggregate attribute accuracy, which is exactly ``correct / count`` of 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_stat_scores
+from torchmetrics.utilities import dim_zero_cat
 
 DIGITS = 5
 
@@ -162,3 +168,102 @@ def summary_line(table: Mapping[str, Any], n: int = 3) -> str:
     ap, auc = table.get("mean_ap"), table.get("mean_auc")
     means = f"mean AP {ap:.4f}, mean AUC {auc:.4f}" if ap is not None and auc is not None else "AP/AUC undefined"
     return f"{means}; worst attributes: {listed(worst)}; best: {listed(best)}"
+
+
+class AttributeScores(Metric):
+    """Per-attribute accuracy counts, AP and AUC through torchmetrics, gathered across ranks by it.
+
+    ``update`` takes a batch's ``[B, A]`` probabilities, labels (positive above 0.5) and mask (an
+    entry counts where the mask is above 0); ``compute`` gathers every rank's entries (torchmetrics
+    syncs its states over ``torch.distributed`` when a process group is up, unless built with
+    ``sync_on_compute=False``) and returns the unrounded per-attribute values, ``nan`` where
+    undefined: ``ap`` and ``auc`` ``[A]`` and ``stats`` ``[A, 4]`` (true positives, false positives,
+    true negatives, false negatives). :meth:`table` turns them into the rows of :func:`attribute_table`.
+    """
+
+    full_state_update = False
+    # Flattened 1-D states: a rank that saw no batch syncs torchmetrics' empty 1-D placeholder.
+    probs: list[Tensor]
+    positive: list[Tensor]
+    mask: list[Tensor]
+
+    def __init__(self, num_attributes: int, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_attributes, self.threshold = num_attributes, threshold
+        for name in ("probs", "positive", "mask"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: Tensor, truth: Tensor, mask: Tensor | None = None) -> None:
+        """Add a batch: ``probs``, ``truth`` and ``mask`` of shape ``[B, A]`` (no mask: all entries count)."""
+        probs = probs.detach().reshape(-1, self.num_attributes).float()
+        self.probs.append(probs.flatten())
+        self.positive.append((truth.detach().reshape(probs.shape) > 0.5).float().flatten())
+        weights = torch.ones_like(probs) if mask is None else (mask.detach().reshape(probs.shape) > 0).float()
+        self.mask.append(weights.flatten())
+
+    def compute(self) -> dict[str, Tensor]:
+        a = self.num_attributes
+        probs, positive, mask = (
+            dim_zero_cat(s).double().reshape(-1, a) if len(s) else torch.zeros(0, a, dtype=torch.float64)
+            for s in (self.probs, self.positive, self.mask)
+        )
+        ap = torch.full((a,), float("nan"), dtype=torch.float64)
+        auc = ap.clone()
+        stats = torch.zeros(a, 4, dtype=torch.float64)
+        for k in range(a):
+            keep = mask[:, k] > 0
+            p, y = probs[keep, k], positive[keep, k].long()
+            if not len(p):
+                continue
+            tp, fp, tn, fn, _ = binary_stat_scores(p, y.long(), threshold=self.threshold, validate_args=False).tolist()
+            stats[k] = torch.tensor([tp, fp, tn, fn], dtype=torch.float64)
+            if tp + fn > 0:
+                ap[k] = binary_average_precision(p, y, thresholds=None, validate_args=False)
+                if fp + tn > 0:
+                    auc[k] = binary_auroc(p, y, thresholds=None, validate_args=False)
+        return {"ap": ap, "auc": auc, "stats": stats}
+
+    def table(self, names: Sequence[str], groups: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+        """Return the table of :func:`attribute_table` from the entries seen (on every rank)."""
+        result = self.compute()
+        rows: list[dict[str, Any]] = []
+        for a, name in enumerate(names):
+            tp, fp, tn, fn = result["stats"][a].tolist()
+            ap, auc = float(result["ap"][a]), float(result["auc"][a])
+            rows.append(
+                {
+                    "index": a,
+                    "name": name,
+                    "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
+                    "ap": None if math.isnan(ap) else _round(ap),
+                    "auc": None if math.isnan(auc) else _round(auc),
+                    "positives": tp + fn,
+                    "correct": tp + tn,
+                    "count": tp + fp + tn + fn,
+                }
+            )
+        group_rows = []
+        for group, members in (groups or {}).items():
+            chosen = [rows[i] for i in members if 0 <= i < len(rows)]
+            right, count = sum(r["correct"] for r in chosen), sum(r["count"] for r in chosen)
+            group_rows.append(
+                {
+                    "name": group,
+                    "attributes": len(chosen),
+                    "accuracy": _ratio(right, count),
+                    "mean_ap": _mean([r["ap"] for r in chosen]),
+                    "mean_auc": _mean([r["auc"] for r in chosen]),
+                    "correct": right,
+                    "count": count,
+                }
+            )
+        total_correct, total = sum(r["correct"] for r in rows), sum(r["count"] for r in rows)
+        return {
+            "accuracy": _ratio(total_correct, total),
+            "mean_ap": _mean([r["ap"] for r in rows]),
+            "mean_auc": _mean([r["auc"] for r in rows]),
+            "correct": total_correct,
+            "count": total,
+            "attributes": rows,
+            "groups": group_rows,
+        }
