@@ -1,10 +1,12 @@
 """Per-attribute metrics: accuracy, average precision and ROC AUC, and their means per group.
 
-Pure functions over host arrays of a whole split (``[N, A]`` probabilities, labels and the
-annotation mask), so they give the same numbers in the trainer (after gathering every rank's
-scores) and in ``eatdist evaluate``. An entry counts with the weight of its mask (1 = annotated,
-0 = left out); a label is positive above 0.5 and a prediction is positive above ``threshold``,
-as in the aggregate attribute accuracy, which is exactly ``correct / count`` of the table.
+torchmetrics computes them: :class:`AttributeScores` is a torchmetrics ``Metric`` the trainer
+feeds batch by batch on every rank and that gathers every rank's entries itself when computed;
+:func:`attribute_table`, :func:`average_precision` and :func:`roc_auc` are the same computation
+over host arrays of a whole split (``eatdist evaluate``). An entry counts when its mask is
+above 0 (1 = annotated, 0 = left out); a label is positive above 0.5 and a prediction is
+positive above ``threshold``, as in the aggregate attribute accuracy, which is exactly
+``correct / count`` of the table.
 """
 
 from __future__ import annotations
@@ -23,55 +25,41 @@ from torchmetrics.utilities import dim_zero_cat
 DIGITS = 5
 
 
-def _curve(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted true- and false-positive totals at each distinct score, highest score first."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, y, w = scores[order], labels[order], weights[order]
-    # tied scores form one threshold: only the last index of each run of equal scores counts
-    ends = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tps = np.cumsum(y * w)[ends]
-    fps = np.cumsum((1.0 - y) * w)[ends]
-    return tps, fps
-
-
-def _weighted_curve(
-    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cumulative true and false positives of the entries of positive weight; None when there are none."""
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
-    w = np.ones_like(scores) if weights is None else np.asarray(weights, np.float64)
-    keep = w > 0
-    if not keep.any():
-        return None
-    return _curve(scores[keep], labels[keep], w[keep])
+def _entries(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None) -> tuple[Tensor, Tensor, int, int]:
+    """The annotated entries (weight above 0) as tensors: scores, 0/1 labels, positives and negatives."""
+    s = torch.as_tensor(np.asarray(scores, np.float64)).flatten()
+    y = (torch.as_tensor(np.asarray(labels, np.float64)).flatten() > 0.5).long()
+    if weights is not None:
+        keep = torch.as_tensor(np.asarray(weights, np.float64)).flatten() > 0
+        s, y = s[keep], y[keep]
+    positives = int(y.sum())
+    return s, y, positives, len(y) - positives
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float | None:
     """Return the average precision (sum over thresholds of recall gained times precision).
 
     The step-wise definition of scikit-learn's ``average_precision_score``, with ties as one
-    threshold. Returns None when there is no positive of positive weight.
+    threshold (torchmetrics' ``binary_average_precision``). Entries of weight 0 are left out;
+    labels are positive above 0.5; scores outside [0, 1] are taken as logits. Returns None when
+    there is no positive among the entries left.
     """
-    curve = _weighted_curve(scores, labels, weights)
-    if curve is None or curve[0][-1] <= 0:
+    s, y, positives, _ = _entries(scores, labels, weights)
+    if positives == 0:
         return None
-    tps, fps = curve
-    precision = tps / np.maximum(tps + fps, np.finfo(np.float64).tiny)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(binary_average_precision(s, y, thresholds=None, validate_args=False))
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float | None:
     """Return the area under the ROC curve (ties count half, as in the Mann-Whitney statistic).
 
-    Returns None when the entries of positive weight hold only one class.
+    torchmetrics' ``binary_auroc`` over the entries of weight above 0. Returns None when those
+    hold only one class.
     """
-    curve = _weighted_curve(scores, labels, weights)
-    if curve is None or curve[0][-1] <= 0 or curve[1][-1] <= 0:
+    s, y, positives, negatives = _entries(scores, labels, weights)
+    if positives == 0 or negatives == 0:
         return None
-    tps, fps = curve
-    tpr, fpr = np.r_[0.0, tps / tps[-1]], np.r_[0.0, fps / fps[-1]]
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    return float(binary_auroc(s, y, thresholds=None, validate_args=False))
 
 
 def _round(value: float | None) -> float | None:
@@ -101,55 +89,20 @@ def attribute_table(
     ``mean_ap`` and ``mean_auc`` (means over the attributes where they are defined), and the
     tables ``attributes`` (one row per attribute: index, name, accuracy, ap, auc, positives,
     correct, count) and ``groups`` (one row per group of ``groups``: its attributes pooled the
-    same way). ``correct`` and ``count`` are mask-weighted sums, so the rows add up to the totals.
+    same way). ``correct`` and ``count`` are counts of annotated entries, so the rows add up to
+    the totals. Computed in this process alone (see :class:`AttributeScores` for ranks).
     Raises:
         ValueError: when the shapes disagree with each other or with ``names``.
     """
-    probs = np.asarray(probs, np.float64).reshape(-1, len(names))
-    truth = np.asarray(truth, np.float64).reshape(probs.shape)
-    weights = np.ones_like(probs) if mask is None else np.asarray(mask, np.float64).reshape(probs.shape)
-    positive = (truth > 0.5).astype(np.float64)
-    correct = ((probs > threshold) == (positive > 0)) * weights
-    rows: list[dict[str, Any]] = []
-    for a, name in enumerate(names):
-        w = weights[:, a]
-        rows.append(
-            {
-                "index": a,
-                "name": name,
-                "accuracy": _ratio(float(correct[:, a].sum()), float(w.sum())),
-                "ap": _round(average_precision(probs[:, a], positive[:, a], w)),
-                "auc": _round(roc_auc(probs[:, a], positive[:, a], w)),
-                "positives": float((positive[:, a] * w).sum()),
-                "correct": float(correct[:, a].sum()),
-                "count": float(w.sum()),
-            }
-        )
-    group_rows = []
-    for group, members in (groups or {}).items():
-        chosen = [rows[i] for i in members if 0 <= i < len(rows)]
-        right, count = sum(r["correct"] for r in chosen), sum(r["count"] for r in chosen)
-        group_rows.append(
-            {
-                "name": group,
-                "attributes": len(chosen),
-                "accuracy": _ratio(right, count),
-                "mean_ap": _mean([r["ap"] for r in chosen]),
-                "mean_auc": _mean([r["auc"] for r in chosen]),
-                "correct": right,
-                "count": count,
-            }
-        )
-    total_correct, total = float(correct.sum()), float(weights.sum())
-    return {
-        "accuracy": _ratio(total_correct, total),
-        "mean_ap": _mean([r["ap"] for r in rows]),
-        "mean_auc": _mean([r["auc"] for r in rows]),
-        "correct": total_correct,
-        "count": total,
-        "attributes": rows,
-        "groups": group_rows,
-    }
+    probs = np.asarray(probs, np.float32).reshape(-1, len(names))
+    truth = np.asarray(truth, np.float32).reshape(probs.shape)
+    scores = AttributeScores(len(names), threshold, sync_on_compute=False)
+    scores.update(
+        torch.from_numpy(probs),
+        torch.from_numpy(truth),
+        None if mask is None else torch.from_numpy(np.asarray(mask, np.float32).reshape(probs.shape)),
+    )
+    return scores.table(names, groups)
 
 
 def ranked(table: Mapping[str, Any], n: int = 3, key: str = "accuracy") -> tuple[list[dict], list[dict]]:
@@ -204,7 +157,8 @@ class AttributeScores(Metric):
     def compute(self) -> dict[str, Tensor]:
         a = self.num_attributes
         probs, positive, mask = (
-            dim_zero_cat(s).double().reshape(-1, a) if len(s) else torch.zeros(0, a, dtype=torch.float64)
+            # on the host: one small curve per attribute runs faster there than as many tiny kernels
+            dim_zero_cat(s).double().cpu().reshape(-1, a) if len(s) else torch.zeros(0, a, dtype=torch.float64)
             for s in (self.probs, self.positive, self.mask)
         )
         ap = torch.full((a,), float("nan"), dtype=torch.float64)

@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
 from eatdist.config import Config
 from eatdist.data.corpus import DatasetInfo
-from eatdist.metrics.attributes import attribute_table
+from eatdist.metrics.attributes import AttributeScores
 from eatdist.models.eat import EATModel, eat_loss
 from eatdist.train.batches import Batches
 from eatdist.train.scale import zero_stage
@@ -30,14 +29,14 @@ class Evaluator:
 
         The metrics are class top-1, attribute accuracy, loss, mean attribute AP and AUC, samples
         and skipped samples. The table (see :func:`eatdist.metrics.attributes.attribute_table`) is
-        computed from every rank's scores, so every rank returns the same one.
+        computed by torchmetrics from every rank's scores, so every rank returns the same one.
         """
         acc, cfg = self.acc, self.cfg
         self._sync_buffers(model)
         model.eval()
         # correct, samples, attribute hits, annotated entries, skipped, class CE, attribute loss
         sums = torch.zeros(7, dtype=torch.float64, device=acc.device)
-        rows: list[torch.Tensor] = []  # per sample: attribute probabilities, labels, mask
+        scores = AttributeScores(self.info.num_attributes).to(acc.device)  # gathers every rank's entries
         loader = self.batches.evaluation(split)
         for batch in self._batches(loader):
             sums[4] += int(batch.pop("skipped"))
@@ -59,9 +58,9 @@ class Evaluator:
             _, parts = eat_loss(out, batch["label"], batch["attributes"], mask, 0.0, cfg.loss.attr_loss)
             sums[5] += parts["ce"] * n
             sums[6] += parts["attr"] * mask.sum()
-            rows.append(torch.cat([out.attr_logits.float().sigmoid(), batch["attributes"].float(), mask.float()], 1))
+            scores.update(out.attr_logits.float().sigmoid(), batch["attributes"], mask)
         sums = acc.reduce(sums, "sum")
-        table = self._attribute_table(rows)
+        table = scores.table(self.info.attributes, self.info.attribute_groups)
         samples, annotated = sums[1].clamp(min=1), sums[3].clamp(min=1)
         metrics = {
             f"{split}_top1": float(sums[0] / samples),
@@ -73,22 +72,6 @@ class Evaluator:
             f"{split}_skipped": int(sums[4]),
         }
         return metrics, table
-
-    def _attribute_table(self, rows: list[torch.Tensor]) -> dict[str, Any]:
-        """Gather every rank's per-sample attribute rows and return the per-attribute table."""
-        acc, a = self.acc, self.info.num_attributes
-        local = torch.cat(rows) if rows else torch.zeros(0, 3 * a, device=acc.device)
-        if acc.num_processes > 1:
-            # Ranks hold different numbers of samples: pad to the longest, gather, cut the padding.
-            counts = acc.gather(torch.tensor([local.shape[0]], device=acc.device)).tolist()
-            padded = acc.pad_across_processes(local, dim=0)
-            width = padded.shape[0]
-            everything = acc.gather(padded)
-            local = torch.cat([everything[r * width : r * width + n] for r, n in enumerate(counts)])
-        data = local.cpu().numpy().astype(np.float64)
-        return attribute_table(
-            data[:, :a], data[:, a : 2 * a], data[:, 2 * a :], self.info.attributes, self.info.attribute_groups
-        )
 
     def _batches(self, loader: Any) -> Iterator[dict[str, Any]]:
         """Yield the loader's batches; under ZeRO-3 also empty ones until every rank is done.
