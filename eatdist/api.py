@@ -1,7 +1,7 @@
 """The Python API (contract 6): load a model package, predict and explain images in a notebook.
 
     import eatdist
-    model = eatdist.load_model("runs/synthetic/model")
+    model = eatdist.load_model("runs/synthetic/model")    # or "hf-hub:org/name" from the Hugging Face Hub
     result = model.explain("bird.jpg")          # one image in, one result out; a list gives a list
     print(result.text); result.overlay()          # a PIL image
 
@@ -214,8 +214,10 @@ class ExplainedModel:
 def load_model(path: str | Path, device: str | torch.device | None = None) -> ExplainedModel:
     """Load the model package at ``path`` for :meth:`~ExplainedModel.predict` and :meth:`~ExplainedModel.explain`.
 
-    ``device`` defaults to this process's GPU when there is one, else the CPU. Raises:
-        ModelPackageError: when ``path`` is not a usable model package.
+    ``path`` is a package folder or ``"hf-hub:org/name"`` (optionally ``@revision``): a package on the
+    Hugging Face Hub, downloaded once into its cache and read from there (``HF_HUB_OFFLINE=1``: from
+    the cache alone). ``device`` defaults to this process's GPU when there is one, else the CPU. Raises:
+        ModelPackageError: when ``path`` is not a usable model package, or a Hub package cannot be had.
     """
     target = torch.device(device) if device is not None else dist.device()
     model, meta = load_package(path, target)

@@ -77,6 +77,10 @@ class ModelConfig:
 
     backbone: str = "test_resnet"
     backbone_args: dict[str, Any] = field(default_factory=lambda: {"output_stride": 16})
+    # timm's pretrained weights for the backbone, from the Hugging Face Hub through its cache
+    # (HF_HOME; HF_HUB_OFFLINE=1 reads a cache filled elsewhere); source and revision go into the package.
+    pretrained: bool = False
+    # Or a local weights file (safetensors or a torch state dict) for the backbone.
     pretrained_path: str | None = None
     head_hidden: int = 0
     dropout: float = 0.0

@@ -72,7 +72,7 @@ def test_every_family_has_a_recipe():
 def test_family_trains_and_explains_from_its_recipe(family: Family):
     cfg = load_config(REPO / "configs" / family.recipe)
     assert cfg.data.root == "data/cub" and cfg.data.image_size == family.image_size
-    assert cfg.data.crop_scale_min < 1.0 and cfg.model.pretrained_path is None
+    assert cfg.data.crop_scale_min < 1.0 and cfg.model.pretrained and cfg.model.pretrained_path is None
     # A ViT's position embeddings fit one input size: the recipe must build it for the data's.
     assert cfg.model.backbone_args.get("img_size", cfg.data.image_size) == cfg.data.image_size
 

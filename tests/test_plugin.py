@@ -111,7 +111,7 @@ def test_installed_plugin_is_listed(plugin_path):
     assert "tinycnn" in result.stdout.split()
 
 
-def test_train_and_explain_with_the_plugin_backbone(tmp_path, plugin_path):
+def test_train_and_explain_with_the_plugin_backbone(tmp_path, plugin_path, monkeypatch):
     corpus = write_corpus(tmp_path / "data", {"train": [64, 32], "val": [16], "test": [16]})
     env = cpu_env(PYTHONPATH=str(plugin_path))
     out = tmp_path / "run"
@@ -156,3 +156,17 @@ def test_train_and_explain_with_the_plugin_backbone(tmp_path, plugin_path):
     # TinyCNN has stride 8: a 32 px input gives 4 x 4 maps, one for the class and each named attribute
     named = len(json.loads(sample["json"])["top_attributes"])
     assert f"({1 + named}, 4, 4)".encode() in sample["heatmaps.npy"][:128]
+    # A Hub folder of the package names the plugin a loader must install, here where it is installed.
+    from eatdist.models.export import export_package
+    from eatdist.models.registry import reset_registry
+
+    monkeypatch.syspath_prepend(str(plugin_path))
+    reset_registry()
+    try:
+        hub = export_package(out / "model", "hub", tmp_path / "hub", repo="acme/tiny")
+    finally:
+        reset_registry()
+    config = json.loads((hub / "config.json").read_text())
+    plugin = {"name": "tinycnn", "package": "eatdist-example-backbone 0.1.0", "builtin": False}
+    assert config["backbone_plugin"] == plugin
+    assert "`pip install eatdist-example-backbone`" in (hub / "README.md").read_text()

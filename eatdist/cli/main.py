@@ -226,7 +226,10 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from eatdist.models.export import export_package
 
-    out = export_package(args.model, args.format, args.out, opset=args.opset)
+    out = export_package(args.model, args.format, args.out, opset=args.opset, repo=args.repo)
+    if args.format == "hub":
+        print(f"Hub folder of {args.model} in {out}: publish it with 'huggingface-cli upload {args.repo} {out}'")
+        return 0
     print(f"exported {args.model} as {args.format} to {out} (metadata: {out}.json); dynamic batch size")
     return 0
 
@@ -304,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "explain",
         help="explain image shards into explanation shards (any number of processes, under a launcher or not)",
     )
-    p.add_argument("--model", help="model package folder (a run's model/)")
+    p.add_argument("--model", help="model package: a folder (a run's model/) or hf-hub:org/name")
     p.add_argument("--input", help="input shards: a folder, a glob or a file")
     p.add_argument("--output", help="folder for the explanation shards, shared by every process of the job")
     p.add_argument(
@@ -332,12 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export a model package to ONNX or TorchScript (outputs: class logits, attribute logits, features)",
+        help="export a model package to ONNX or TorchScript (outputs: class logits, attribute logits, features), "
+        "or as a folder for the Hugging Face Hub",
     )
-    p.add_argument("--model", required=True, metavar="PKG", help="model package folder (a run's model/)")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="file format to write")
-    p.add_argument("--out", required=True, metavar="FILE", help="file to write (metadata goes to FILE.json)")
+    p.add_argument("--model", required=True, metavar="PKG", help="model package: a folder or hf-hub:org/name")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "hub"), help="format to write")
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="file to write (metadata goes to FILE.json); hub: a folder"
+    )
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)")
+    p.add_argument("--repo", default="ORG/NAME", metavar="ORG/NAME", help="hub: the repository the card names")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

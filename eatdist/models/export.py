@@ -1,4 +1,4 @@
-"""Export a model package to ONNX or TorchScript, for serving without eatdist.
+"""Export a model package to ONNX or TorchScript, for serving without eatdist, or as a Hub folder.
 
 The exported model takes the normalised image batch ``image`` (float32 ``[B, 3, S, S]``, the
 package's ``preprocess``: resize to S × S, scale to [0, 1], subtract ``mean``, divide by ``std``)
@@ -6,6 +6,7 @@ and returns ``class_logits [B, classes]``, ``attr_logits [B, attributes]`` and `
 [B, C, h, w]``; the batch size is dynamic. The closed-form maps follow from the features and the
 heads' weights (``relu(W[k] · features)``, see :mod:`eatdist.explain.cam`). A JSON file beside the
 model (``<out>.json``) holds the package metadata: preprocessing, class and attribute names.
+The ``hub`` format writes a folder for the Hugging Face Hub instead (:mod:`eatdist.models.hub`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from eatdist.errors import EatdistError
 from eatdist.models.eat import EATModel
 from eatdist.models.package import PackageMeta, load_package
 
-ExportFormat = Literal["onnx", "torchscript"]
-FORMATS: tuple[str, ...] = ("onnx", "torchscript")
+ExportFormat = Literal["onnx", "torchscript", "hub"]
+FORMATS: tuple[str, ...] = ("onnx", "torchscript", "hub")
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("class_logits", "attr_logits", "features")
 # An example batch of 2, not 1: torch.export specialises a dimension whose example size is 1.
@@ -90,16 +91,23 @@ def export_torchscript(model: EATModel, example: torch.Tensor, out: Path) -> Non
     traced.save(str(out))
 
 
-def export_package(package: str | Path, fmt: str, out: str | Path, opset: int | None = None) -> Path:
-    """Export the model package at ``package`` to ``out`` in ``fmt`` ("onnx" or "torchscript").
+def export_package(
+    package: str | Path, fmt: str, out: str | Path, opset: int | None = None, repo: str = "ORG/NAME"
+) -> Path:
+    """Export the model package at ``package`` to ``out`` in ``fmt`` ("onnx", "torchscript" or "hub").
 
     Writes ``out`` and ``<out>.json`` (the package metadata and the input/output names) and
-    returns ``out``. Raises:
+    returns ``out``; "hub" writes the folder ``out`` for Hub repository ``repo`` (see
+    :func:`eatdist.models.hub.write_hub_folder`). Raises:
         ExportError: for an unknown format or a failed export;
         ModelPackageError: when ``package`` is not a usable model package.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}' (choose from {', '.join(FORMATS)})")
+    if fmt == "hub":
+        from eatdist.models.hub import write_hub_folder
+
+        return write_hub_folder(package, out, repo)
     model, meta = load_package(package, "cpu")
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)

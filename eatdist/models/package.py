@@ -2,6 +2,8 @@
 
 A folder holding ``model.safetensors`` (weights) and ``eatdist_model.json`` (backbone name and
 arguments, head shape, class and attribute names, the class × attribute matrix, preprocessing).
+Wherever a package path is read, ``hf-hub:org/name[@revision]`` names one on the Hugging Face
+Hub, read through its cache (:mod:`eatdist.models.hub`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from eatdist.data.pipeline import Preprocess
 from eatdist.errors import EatdistError, ModelPackageError
 from eatdist.models.eat import EATModel
+from eatdist.models.hub import download_package, is_hub_name
 from eatdist.models.registry import create_backbone
 
 META_FILE = "eatdist_model.json"
@@ -43,6 +46,9 @@ class PackageMeta:
     dataset: str = ""
     model_id: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    # Where the backbone's starting weights came from: source ("hf-hub:timm/resnet50.a1_in1k", a
+    # URL or a file), revision (the Hub commit) and file; empty when training started from scratch.
+    pretrained: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
 
 
@@ -54,13 +60,25 @@ def build_model(
     head_hidden: int = 0,
     dropout: float = 0.0,
     pretrained_path: str | None = None,
+    pretrained: bool = False,
 ) -> EATModel:
-    """Create the backbone through the registry and put the EAT heads on it."""
+    """Create the backbone through the registry and put the EAT heads on it.
+
+    ``pretrained`` asks the backbone's plugin for its pretrained weights (timm: the Hub through
+    the Hugging Face cache); ``pretrained_path`` gives it a local weights file instead.
+    """
     kwargs = dict(backbone_args)
     if pretrained_path:
         kwargs["pretrained_path"] = pretrained_path
+    if pretrained:
+        kwargs["pretrained"] = True
     module = create_backbone(backbone, **kwargs)
     return EATModel(module, num_classes, num_attributes, head_hidden, dropout, backbone_name=backbone)
+
+
+def weights_source(model: EATModel) -> dict[str, str]:
+    """Return where ``model``'s backbone took its starting weights from (see :class:`PackageMeta`), or {}."""
+    return dict(getattr(model.backbone, "weights_source", None) or {})
 
 
 def backbone_preprocess(model: EATModel, image_size: int) -> Preprocess:
@@ -83,13 +101,22 @@ def save_package(path: str | Path, model: nn.Module, meta: PackageMeta) -> Path:
     return folder
 
 
+def package_folder(path: str | Path) -> Path:
+    """Return the local folder of package ``path``: the path itself, or the cached snapshot of ``hf-hub:org/name``.
+
+    Raises:
+        ModelPackageError: when a Hub package cannot be had (see :func:`eatdist.models.hub.download_package`).
+    """
+    return download_package(path) if is_hub_name(path) else Path(path)  # type: ignore[arg-type]
+
+
 def read_meta(path: str | Path) -> PackageMeta:
-    """Read a package's metadata.
+    """Read a package's metadata (``path``: a folder or ``hf-hub:org/name``).
 
     Raises:
         ModelPackageError: when ``path`` is not an eatdist model package.
     """
-    folder = Path(path)
+    folder = package_folder(path)
     meta_file = folder / META_FILE
     if not folder.is_dir() or not meta_file.is_file():
         raise ModelPackageError(f"{folder} is not an eatdist model package (no {META_FILE})")
@@ -123,14 +150,16 @@ def _weights_mismatch(model: nn.Module, weights: Path) -> str:
 
 
 def load_package(path: str | Path, device: str | torch.device = "cpu") -> tuple[EATModel, PackageMeta]:
-    """Rebuild the model of a package, load its weights and return it in eval mode with its meta.
+    """Rebuild the model of a package (a folder or ``hf-hub:org/name``), load its weights, return it in eval mode
+    with its meta.
 
     Raises:
         ModelPackageError: naming the package, when the folder is not a package, its backbone
             cannot be built, or its weights do not fit the model its metadata describes.
     """
+    path = package_folder(path)
     meta = read_meta(path)
-    weights = Path(path) / WEIGHTS_FILE
+    weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelPackageError(f"{path} is not a complete eatdist model package (no {WEIGHTS_FILE})")
     try:

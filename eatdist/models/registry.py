@@ -3,9 +3,9 @@
 An entry point's name is a backbone name and loads to ``factory(**kwargs) -> nn.Module``. A
 plugin may also serve a family: ``"<plugin>/<model>"`` calls the plugin's factory with
 ``model_name="<model>"`` (the built-in ``timm`` plugin serves every timm model this way, and a
-bare timm model name such as ``"resnet50"`` is routed to it). Entry points are loaded lazily,
-the first time a name is needed; one that fails to import is recorded with its name and
-package and does not affect the others.
+bare timm model name such as ``"resnet50"`` or a Hub name ``"hf-hub:org/name"`` is routed to
+it). Entry points are loaded lazily, the first time a name is needed; one that fails to import
+is recorded with its name and package and does not affect the others.
 
 When two installed packages register the same name, one wins, the same one whatever the install
 order or ``sys.path``: eatdist's own entry point first, else the package whose normalised name
@@ -29,6 +29,7 @@ from eatdist.errors import BackboneError, close_matches
 
 GROUP = "eatdist.backbones"
 TIMM_PLUGIN = "timm"
+HF_HUB_PREFIX = "hf-hub:"
 OWN_PACKAGE = "eatdist"
 # The model ``check_plugins`` builds from a plugin that serves a family rather than one model.
 CHECK_MODEL: dict[str, str] = {TIMM_PLUGIN: "test_resnet"}
@@ -171,6 +172,8 @@ def _resolve(name: str) -> tuple[str, dict[str, Any]]:
     plugin, sep, model = name.partition("/")
     if sep and plugin in _entry_points():
         return plugin, {"model_name": model}
+    if name.startswith(HF_HUB_PREFIX) and TIMM_PLUGIN in _entry_points():
+        return TIMM_PLUGIN, {"model_name": name}  # timm reads the architecture from the repository
     if TIMM_PLUGIN in _entry_points():
         import timm
 
@@ -182,6 +185,14 @@ def _resolve(name: str) -> tuple[str, dict[str, Any]]:
 def is_backbone(name: str) -> bool:
     """Return True when ``name`` resolves to a plugin (without building anything)."""
     return bool(_resolve(name)[0])
+
+
+def backbone_provider(name: str) -> tuple[str, str] | None:
+    """Return (plugin name, "package version") of the plugin serving backbone ``name``, or None if none does."""
+    plugin = _resolve(name)[0]
+    if not plugin:
+        return None
+    return plugin, _package(_entry_points()[plugin])
 
 
 def check_backbone(module: Any, name: str) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from torch import nn
 from torch.func import functional_call
 
 from eatdist.errors import BackboneError
+
+log = logging.getLogger(__name__)
 
 
 def _probe_image(model: nn.Module) -> torch.Tensor:
@@ -79,6 +82,8 @@ class TimmBackbone(nn.Module):
         grid = getattr(patch_embed, "grid_size", None)
         self.grid_size = tuple(grid) if grid is not None else None
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+        # Where pretrained weights came from (source, revision, file); empty without them.
+        self.weights_source: dict[str, str] = {}
         shape: torch.Size | None = None
         head_only: list[str] = []
         try:
@@ -124,19 +129,100 @@ class TimmBackbone(nn.Module):
             ) from None
 
 
-def timm_backbone(model_name: str, pretrained_path: str | None = None, **kwargs: Any) -> nn.Module:
-    """Build timm model ``model_name`` as a backbone, never downloading weights.
+def _hub_cache() -> str:
+    """The Hugging Face cache folder that hub downloads use (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    from huggingface_hub import constants
 
-    ``pretrained_path`` loads a local weights file (safetensors or a ``torch.save`` state dict,
-    read with ``weights_only=True``), for instance ``model.safetensors`` of the Hugging Face hub
-    repository ``timm/<model_name>``; the classifier's and head-only layers' keys are ignored.
+    return str(constants.HF_HUB_CACHE)
+
+
+def _weights_source(model: nn.Module) -> dict[str, str]:
+    """Where timm took ``model``'s pretrained weights from: ``source``, ``revision`` and ``file``.
+
+    For Hub weights the revision is the commit of the cache snapshot that holds them (the one
+    the cache's ``refs`` resolve to, as timm's download did); for URL weights it is empty.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    hub_id = cfg.get("hf_hub_id")
+    if not hub_id:
+        return {"source": str(cfg.get("url") or cfg.get("file") or ""), "revision": "", "file": ""}
+    repo, _, pinned = str(hub_id).partition("@")
+    revision = pinned or None
+    names = [cfg.get("hf_hub_filename"), "model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"]
+    for name in filter(None, names):
+        found = try_to_load_from_cache(repo, name, revision=revision)
+        if isinstance(found, str):
+            return {"source": f"hf-hub:{repo}", "revision": Path(found).parent.name, "file": name}
+    return {"source": f"hf-hub:{repo}", "revision": revision or "", "file": ""}
+
+
+def _create_pretrained(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Create timm model ``model_name`` with timm's pretrained weights (the Hub through its cache).
 
     Raises:
-        BackboneError: when the weights file is missing or lacks weights the backbone has.
+        BackboneError: one line naming the model, when timm has no weights for it, or they are
+            not in the cache while ``HF_HUB_OFFLINE`` is set, or the download fails.
+    """
+    import timm
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if not model_name.startswith("hf-hub:"):
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+            tagged = [n for n in timm.list_pretrained(f"{model_name.split('.')[0]}.*")][:3]
+            hint = f" (tagged weights: {', '.join(tagged)})" if tagged else ""
+            raise BackboneError(f"timm model '{model_name}' has no pretrained weights{hint}; drop model.pretrained")
+    # timm logs where it loads from before it knows whether it can: eatdist says it once, after.
+    timm_log = logging.getLogger("timm.models._builder")
+    level = timm_log.level
+    timm_log.setLevel(logging.WARNING)
+    try:
+        return timm.create_model(model_name, pretrained=True, num_classes=0, **kwargs)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise BackboneError(
+            f"pretrained weights of timm model '{model_name}' are not in the Hugging Face cache {_hub_cache()} "
+            "and downloading is off (HF_HUB_OFFLINE): fill the cache where there is network, or set HF_HOME"
+        ) from None
+    except OSError as exc:  # the network, a full disk, a cache folder that cannot be written
+        raise BackboneError(
+            f"cannot fetch pretrained weights of timm model '{model_name}' into {_hub_cache()}: "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        ) from None
+    finally:
+        timm_log.setLevel(level)
+
+
+def timm_backbone(
+    model_name: str, pretrained_path: str | None = None, pretrained: bool = False, **kwargs: Any
+) -> nn.Module:
+    """Build timm model ``model_name`` as a backbone.
+
+    ``pretrained`` loads timm's own pretrained weights for the model, the way ``timm.create_model
+    (..., pretrained=True)`` does: from the Hugging Face Hub through its cache (``HF_HOME``,
+    ``HF_HUB_OFFLINE=1`` for nodes without network that read a cache filled elsewhere); an
+    ``hf-hub:org/name`` model name takes the architecture and weights from that repository. The
+    backbone's ``weights_source`` then says where they came from (source, revision, file).
+    ``pretrained_path`` instead loads a local weights file (safetensors or a ``torch.save`` state
+    dict, read with ``weights_only=True``), for instance ``model.safetensors`` of the Hugging Face
+    hub repository ``timm/<model_name>``. The classifier's and head-only layers' keys are ignored.
+
+    Raises:
+        BackboneError: when both are asked for, when the weights cannot be had (see
+            ``_create_pretrained``), or the file is missing or lacks weights the backbone has.
     """
     import timm
 
-    kwargs.pop("pretrained", None)
+    if pretrained and pretrained_path:
+        raise BackboneError("model.pretrained and model.pretrained_path are both set: choose one")
+    if pretrained:
+        model = _create_pretrained(model_name, kwargs)
+        backbone = TimmBackbone(model)
+        backbone.weights_source = _weights_source(model)
+        source = backbone.weights_source
+        log.info("pretrained weights of %s: %s %s", model_name, source["source"], source["revision"])
+        return backbone
     backbone = TimmBackbone(timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs))
     if pretrained_path:
         from timm.models import load_checkpoint

@@ -28,7 +28,7 @@ from eatdist.data.remote import redact
 from eatdist.errors import ConfigError
 from eatdist.metrics.attributes import summary_line
 from eatdist.models.eat import EATModel, eat_loss
-from eatdist.models.package import PackageMeta, backbone_preprocess, build_model, save_package
+from eatdist.models.package import PackageMeta, backbone_preprocess, build_model, save_package, weights_source
 from eatdist.train.batches import Batches
 from eatdist.train.checkpoint import CheckpointStore
 from eatdist.train.ema import WeightAverage
@@ -152,7 +152,9 @@ class Trainer:
             cfg.model.head_hidden,
             cfg.model.dropout,
             cfg.model.pretrained_path,
+            cfg.model.pretrained,
         )
+        self.weights_source = weights_source(model)
         model = apply_model_options(model, cfg)
         self.preprocess = backbone_preprocess(model, cfg.data.image_size)
         self.batches = Batches(cfg, self.info, self.preprocess, acc)
@@ -548,6 +550,7 @@ class Trainer:
             dataset=self.info.name,
             # loss.attr_weight travels with the package: explanations of a baseline (0) are flagged.
             metrics={**{k: v for k, v in metrics.items() if isinstance(v, float)}, "attr_weight": cfg.loss.attr_weight},
+            pretrained=self.weights_source,
         )
 
     def export(self, metrics: dict[str, Any], folder: str = "model") -> Path:
