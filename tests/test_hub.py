@@ -109,7 +109,7 @@ def hub_folder(pretrained_run, tmp_path_factory):
     with contextlib.redirect_stdout(printed):  # the CLI's own entry point, in this process
         code = main(["export", "--model", str(pretrained_run / "model"), "--format", "hub", "--out", str(out),
                      "--repo", "acme/eat-tiny"])  # fmt: skip
-    assert code == 0 and "huggingface-cli upload acme/eat-tiny" in printed.getvalue()
+    assert code == 0 and "hf upload acme/eat-tiny" in printed.getvalue()
     return out
 
 

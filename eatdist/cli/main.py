@@ -228,7 +228,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_package(args.model, args.format, args.out, opset=args.opset, repo=args.repo)
     if args.format == "hub":
-        print(f"Hub folder of {args.model} in {out}: publish it with 'huggingface-cli upload {args.repo} {out}'")
+        print(f"Hub folder of {args.model} in {out}: publish it with 'hf upload {args.repo} {out}'")
         return 0
     print(f"exported {args.model} as {args.format} to {out} (metadata: {out}.json); dynamic batch size")
     return 0

@@ -165,7 +165,7 @@ def write_hub_folder(package: str | Path, out: str | Path, repo: str = "ORG/NAME
     """Write a Hub-ready folder of the model package at ``package`` into ``out`` and return it.
 
     The folder holds the package's ``model.safetensors`` and ``eatdist_model.json`` as they are,
-    ``config.json`` and the model card ``README.md``; ``huggingface-cli upload ORG/NAME out`` or
+    ``config.json`` and the model card ``README.md``; ``hf upload ORG/NAME out`` or
     ``huggingface_hub.upload_folder`` publishes it. Raises:
         ModelPackageError: when ``package`` is not a usable model package;
         OSError: when ``out`` cannot be written.
