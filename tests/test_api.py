@@ -1,4 +1,4 @@
-"""The Python API: any image in, the CLI's explanation out; the README example runs as written."""
+"""The Python API: any image in, the CLI's explanation out; the examples of the README and the docs run as written."""
 
 import io
 import json
@@ -112,12 +112,12 @@ def test_api_explanations_equal_the_cli_for_the_same_images(model, package, tmp_
         np.testing.assert_array_equal(maps.astype(np.float32), result.maps)
 
 
-def test_readme_example_runs(package, tmp_path, monkeypatch):
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("**Python API.**") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+@pytest.mark.parametrize("page", ["README.md", "docs/api.md", "docs/getting-started.md"])
+def test_readme_example_runs(package, tmp_path, monkeypatch, page):
+    text = (REPO / page).read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)  # the page's first Python example
     monkeypatch.chdir(tmp_path)
     shutil.copytree(package, tmp_path / "runs" / "synthetic" / "model")
     images()["rgba"].save(tmp_path / "example.png")
-    exec(compile(code, "README.md (Python API example)", "exec"), {})
+    exec(compile(code, f"{page} (Python API example)", "exec"), {})
     assert Image.open(tmp_path / "explained.png").size == (56, 40)
