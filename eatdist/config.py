@@ -165,7 +165,7 @@ class ExplainConfig:
 
     # The text names at most top_k attributes the model predicts present (p > attr_threshold),
     # ranked by their evidence for the class in this image, then at most max_contrasts
-    # characteristic attributes of the class the image lacks (README, "Explanation").
+    # characteristic attributes of the class the image lacks (docs/explaining.md).
     top_k: int = 3
     attr_threshold: float = 0.5
     max_contrasts: int = 2

@@ -116,7 +116,7 @@ def hub_folder(pretrained_run, tmp_path_factory):
 @pytest.mark.slow
 def test_hub_export_is_a_package_with_a_card(hub_folder, pretrained_run):
     assert sorted(p.name for p in hub_folder.iterdir()) == [
-        "README.md", "config.json", "eatdist_model.json", "model.safetensors"
+        "README.md", "attribute_metrics.json", "config.json", "eatdist_model.json", "model.safetensors"
     ]  # fmt: skip
     original = eatdist.load_model(pretrained_run / "model", device="cpu")
     exported = eatdist.load_model(hub_folder, device="cpu")
@@ -178,7 +178,7 @@ def test_hub_name_loads_offline_from_the_cache(offline_results, hub_folder, pret
     assert "hf-hub:acme/absent" in found["absent"] and str(home / "hub") in found["absent"]
     # the CLI's --model takes the Hub name too: exporting it again gives the same files
     assert found["export"] == 0
-    for name in ("model.safetensors", "eatdist_model.json"):
+    for name in ("model.safetensors", "eatdist_model.json", "attribute_metrics.json", "README.md"):
         assert (again / name).read_bytes() == (hub_folder / name).read_bytes()
 
 

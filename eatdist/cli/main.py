@@ -228,7 +228,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_package(args.model, args.format, args.out, opset=args.opset, repo=args.repo)
     if args.format == "hub":
-        print(f"Hub folder of {args.model} in {out}: publish it with 'hf upload {args.repo} {out}'")
+        from eatdist.models.hub import repo_name
+
+        repo = args.repo or repo_name(args.model)
+        print(f"Hub folder of {args.model} in {out}: publish it with 'hf upload {repo} {out}'")
         return 0
     print(f"exported {args.model} as {args.format} to {out} (metadata: {out}.json); dynamic batch size")
     return 0
@@ -344,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="FILE", help="file to write (metadata goes to FILE.json); hub: a folder"
     )
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)")
-    p.add_argument("--repo", default="ORG/NAME", metavar="ORG/NAME", help="hub: the repository the card names")
+    p.add_argument("--repo", metavar="ORG/NAME", help="hub: the repository the card names (default: --model's own)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

@@ -92,7 +92,7 @@ def export_torchscript(model: EATModel, example: torch.Tensor, out: Path) -> Non
 
 
 def export_package(
-    package: str | Path, fmt: str, out: str | Path, opset: int | None = None, repo: str = "ORG/NAME"
+    package: str | Path, fmt: str, out: str | Path, opset: int | None = None, repo: str | None = None
 ) -> Path:
     """Export the model package at ``package`` to ``out`` in ``fmt`` ("onnx", "torchscript" or "hub").
 

@@ -2,8 +2,9 @@
 
 A Hub repository of an eatdist model holds the package itself (``model.safetensors`` and
 ``eatdist_model.json``), so a snapshot of it is a package folder; ``config.json`` (the shape of
-the model, its preprocessing and the plugin that serves its backbone) and ``README.md`` (the
-model card: test metrics, the attribute table, how to load it) are for the Hub and its readers.
+the model, its preprocessing and the plugin that serves its backbone), ``attribute_metrics.json``
+(the run's per-attribute tables by split) and ``README.md`` (the model card: test metrics, the
+attribute table, how to load it) are for the Hub and its readers.
 Downloads go through ``huggingface_hub`` into its cache (``HF_HOME``); with ``HF_HUB_OFFLINE=1``
 the cache alone is read, as on cluster nodes without network.
 """
@@ -20,6 +21,7 @@ from eatdist.errors import ModelPackageError
 HUB_PREFIX = "hf-hub:"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
+TABLES_FILE = "attribute_metrics.json"
 LIBRARY = "eatdist"
 # A training run writes its final metrics (with the per-attribute tables) beside its package folder.
 RUN_METRICS = "final_metrics.json"
@@ -28,6 +30,13 @@ RUN_METRICS = "final_metrics.json"
 def is_hub_name(path: str | Path) -> bool:
     """Return True when ``path`` names a Hub repository (``hf-hub:org/name[@revision]``)."""
     return isinstance(path, str) and path.startswith(HUB_PREFIX)
+
+
+def repo_name(package: str | Path) -> str:
+    """Return the repository ``org/name`` to publish ``package`` as: its own for a Hub name, else "ORG/NAME"."""
+    if is_hub_name(package):
+        return str(package).removeprefix(HUB_PREFIX).partition("@")[0]
+    return "ORG/NAME"
 
 
 def hub_cache() -> str:
@@ -52,7 +61,9 @@ def download_package(name: str) -> Path:
     repo, _, revision = name.removeprefix(HUB_PREFIX).partition("@")
     try:
         folder = snapshot_download(
-            repo, revision=revision or None, allow_patterns=[WEIGHTS_FILE, META_FILE, CONFIG_FILE, CARD_FILE]
+            repo,
+            revision=revision or None,
+            allow_patterns=[WEIGHTS_FILE, META_FILE, CONFIG_FILE, CARD_FILE, TABLES_FILE],
         )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise ModelPackageError(
@@ -79,11 +90,12 @@ def _plugin(backbone: str) -> dict[str, Any]:
 
 
 def _run_tables(package: Path) -> dict[str, Any]:
-    """The per-attribute tables of the run that wrote ``package`` (by split), or {} when there is none."""
-    path = package.parent / RUN_METRICS
+    """The per-attribute tables (by split) a Hub folder carries, else those of the run that wrote ``package``, or {}."""
     try:
-        return dict(json.loads(path.read_text()).get("attribute_metrics") or {})
-    except (OSError, ValueError, AttributeError):
+        if (package / TABLES_FILE).is_file():
+            return dict(json.loads((package / TABLES_FILE).read_text()))
+        return dict(json.loads((package.parent / RUN_METRICS).read_text()).get("attribute_metrics") or {})
+    except (OSError, ValueError, AttributeError, TypeError):
         return {}
 
 
@@ -161,12 +173,13 @@ def model_card(meta: Any, plugin: dict[str, Any], tables: dict[str, Any], repo: 
     return "\n".join(front + lines) + "\n"
 
 
-def write_hub_folder(package: str | Path, out: str | Path, repo: str = "ORG/NAME") -> Path:
+def write_hub_folder(package: str | Path, out: str | Path, repo: str | None = None) -> Path:
     """Write a Hub-ready folder of the model package at ``package`` into ``out`` and return it.
 
     The folder holds the package's ``model.safetensors`` and ``eatdist_model.json`` as they are,
-    ``config.json`` and the model card ``README.md``; ``hf upload ORG/NAME out`` or
-    ``huggingface_hub.upload_folder`` publishes it. Raises:
+    ``config.json``, the run's per-attribute tables when there are any (``attribute_metrics.json``)
+    and the model card ``README.md``; ``hf upload ORG/NAME out`` or ``huggingface_hub.upload_folder``
+    publishes it. The card names ``repo`` (default: :func:`repo_name`). Raises:
         ModelPackageError: when ``package`` is not a usable model package;
         OSError: when ``out`` cannot be written.
     """
@@ -193,5 +206,8 @@ def write_hub_folder(package: str | Path, out: str | Path, repo: str = "ORG/NAME
         "pretrained": meta.pretrained,
     }
     (target / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    (target / CARD_FILE).write_text(model_card(meta, plugin, _run_tables(source), repo))
+    tables = _run_tables(source)
+    if tables:
+        (target / TABLES_FILE).write_text(json.dumps(tables, indent=1))
+    (target / CARD_FILE).write_text(model_card(meta, plugin, tables, repo or repo_name(package)))
     return target
