@@ -93,6 +93,16 @@ def test_training_starts_from_the_cached_pretrained_weights(pretrained_run, hub_
     assert meta.pretrained == {"source": f"hf-hub:timm/{PRETRAINED}", "revision": REVISION, "file": "model.safetensors"}
 
 
+def test_pretrained_requests_timm_cannot_serve_are_one_line_errors():
+    from eatdist.errors import BackboneError
+    from eatdist.models.registry import create_backbone
+
+    with pytest.raises(BackboneError, match="timm model 'nf_resnet26' has no pretrained weights"):
+        create_backbone("nf_resnet26", pretrained=True)  # checked before anything is fetched
+    with pytest.raises(BackboneError, match="both set"):
+        create_backbone(PRETRAINED, pretrained=True, pretrained_path="weights.safetensors")
+
+
 def images():
     rng = np.random.default_rng(3)
     return [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(4)]
