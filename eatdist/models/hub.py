@@ -46,6 +46,15 @@ def hub_cache() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
+def not_cached(what: str) -> str:
+    """Return the message for ``what`` missing from the cache: offline by choice, or the Hub out of reach."""
+    from huggingface_hub import constants
+
+    why = "downloading is off (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+    fix = "fill the cache where there is network, or set HF_HOME"
+    return f"{what} not in the Hugging Face cache {hub_cache()} and {why}: {fix}"
+
+
 def download_package(name: str) -> Path:
     """Return the local folder of Hub package ``hf-hub:org/name[@revision]``, downloading it once into the cache.
 
@@ -66,10 +75,7 @@ def download_package(name: str) -> Path:
             allow_patterns=[WEIGHTS_FILE, META_FILE, CONFIG_FILE, CARD_FILE, TABLES_FILE],
         )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise ModelPackageError(
-            f"model package {name} is not in the Hugging Face cache {hub_cache()} and downloading is off "
-            "(HF_HUB_OFFLINE): fill the cache where there is network, or set HF_HOME"
-        ) from None
+        raise ModelPackageError(not_cached(f"model package {name} is")) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:  # unknown repository, network, bad name
         raise ModelPackageError(
             f"cannot download model package {name} into {hub_cache()}: {type(exc).__name__}: "

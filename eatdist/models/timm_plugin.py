@@ -129,13 +129,6 @@ class TimmBackbone(nn.Module):
             ) from None
 
 
-def _hub_cache() -> str:
-    """The Hugging Face cache folder that hub downloads use (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
 def _weights_source(model: nn.Module) -> dict[str, str]:
     """Where timm took ``model``'s pretrained weights from: ``source``, ``revision`` and ``file``.
 
@@ -168,10 +161,12 @@ def _create_pretrained(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
     import timm
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
+    from eatdist.models.hub import hub_cache, not_cached
+
     if not model_name.startswith("hf-hub:"):
         cfg = timm.models.get_pretrained_cfg(model_name)
         if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-            tagged = [n for n in timm.list_pretrained(f"{model_name.split('.')[0]}.*")][:3]
+            tagged = list(timm.list_pretrained(f"{model_name.split('.')[0]}.*"))[:3]
             hint = f" (tagged weights: {', '.join(tagged)})" if tagged else ""
             raise BackboneError(f"timm model '{model_name}' has no pretrained weights{hint}; drop model.pretrained")
     # timm logs where it loads from before it knows whether it can: eatdist says it once, after.
@@ -181,13 +176,10 @@ def _create_pretrained(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(model_name, pretrained=True, num_classes=0, **kwargs)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise BackboneError(
-            f"pretrained weights of timm model '{model_name}' are not in the Hugging Face cache {_hub_cache()} "
-            "and downloading is off (HF_HUB_OFFLINE): fill the cache where there is network, or set HF_HOME"
-        ) from None
+        raise BackboneError(not_cached(f"pretrained weights of timm model '{model_name}' are")) from None
     except OSError as exc:  # the network, a full disk, a cache folder that cannot be written
         raise BackboneError(
-            f"cannot fetch pretrained weights of timm model '{model_name}' into {_hub_cache()}: "
+            f"cannot fetch pretrained weights of timm model '{model_name}' into {hub_cache()}: "
             f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         ) from None
     finally:
