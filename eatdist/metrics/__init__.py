@@ -1,5 +1,5 @@
 """Evaluation metrics shared by training and ``eatdist evaluate``."""
 
-from eatdist.metrics.attributes import attribute_table, average_precision, roc_auc, summary_line
+from eatdist.metrics.attributes import AttributeScores, attribute_table, average_precision, roc_auc, summary_line
 
-__all__ = ["attribute_table", "average_precision", "roc_auc", "summary_line"]
+__all__ = ["AttributeScores", "attribute_table", "average_precision", "roc_auc", "summary_line"]
