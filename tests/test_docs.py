@@ -58,6 +58,7 @@ def test_site_builds_strict_with_the_generated_reference(tmp_path):
         assert f"<code>{key}</code>" in page, key
     api = (site / "api" / "index.html").read_text()
     assert 'id="eatdist.api.load_model"' in api and "hf-hub:org/name" in api  # from the docstrings
+    assert ":meth:" not in api and ":func:" not in api  # Sphinx roles shown as plain code
     assert "Cores per GPU" in (site / "launching" / "index.html").read_text()  # launch/README.md itself
 
 
