@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from eatdist.atomic import write_json
 from eatdist.data.shards import AtomicShardWriter
 from eatdist.explain.explainer import BatchResult
 from eatdist.explain.loader import Chunk
@@ -64,10 +64,12 @@ class ClaimLost(Exception):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON under a temporary name, then rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    """Write ``data`` as JSON under a temporary name, then rename it to ``path``.
+
+    Raises:
+        DiskError: naming ``path``, the size needed and the space free, on a full or read-only disk.
+    """
+    write_json(path, data, f"the explanation record {path.name}")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -7,7 +7,6 @@ checkpoint files; this module plans the data, runs the steps and writes what a u
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from tqdm import tqdm
 
 from eatdist import dist
+from eatdist.atomic import write_json
 from eatdist.config import Config, save_config
 from eatdist.data.corpus import DatasetInfo, load_dataset_info
 from eatdist.data.plan import Phase
@@ -574,7 +574,7 @@ class Trainer:
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
             save_package(path, model, self._package_meta(metrics))
             if folder == "model":
-                (self.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
+                write_json(self.run_dir / "final_metrics.json", metrics, "the final metrics")
                 acc.print(f"model package: {path}" + (" (EMA weights)" if self.ema is not None else ""))
         acc.wait_for_everyone()
         return path
@@ -594,7 +594,7 @@ class Trainer:
             "steps_per_epoch": self.epoch_steps,
             "parameter_sha256": digest,
         }
-        (folder / f"rank-{acc.process_index}.json").write_text(json.dumps(report))
+        write_json(folder / f"rank-{acc.process_index}.json", report, "the rank report", indent=None)
 
     def close(self) -> None:
         """Flush logs and leave the process group (avoids an abort at interpreter exit)."""
