@@ -1,5 +1,6 @@
 """A damaged corpus loses nothing without a trace: every planned position that gives no usable
-sample is counted by cause, in training with one and two processes."""
+sample is counted by cause, in training with one and two processes, and every sample of a shard
+with dotted keys is explained or listed."""
 
 import json
 import sys
@@ -8,7 +9,8 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from conftest import TINY_TRAIN, accelerate_launch, run, write_corpus
+from conftest import TINY_TRAIN, accelerate_launch, run, untrained_package, write_corpus
+from eatdist.cli.main import main
 from eatdist.data.corpus import ShardInfo, load_dataset_info
 from eatdist.data.pipeline import SKIP_CAUSES, Preprocess, ShardStream, make_loader
 from eatdist.data.shards import iter_shard
@@ -98,3 +100,33 @@ def test_train_skipped_counts_every_unusable_position_with_one_and_two_processes
     result = run(accelerate_launch([*args, f"train.output_dir={out}", "train.epochs=1"]), timeout=400)
     assert result.returncode == 0
     assert_counted(out, result.stdout, 1, 2)
+
+
+@pytest.mark.slow
+def test_every_sample_of_a_shard_with_dotted_keys_is_explained_or_listed(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c", {"test": [8]}, corrupt={"test_0000002": "image"})
+    shard = corpus.root / "test-000000.tar"
+    samples = [{k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")} for s in iter_shard(shard)]
+    # 's3.b' follows 's3' (merged into it by WebDataset), 'pic.1' and 'pic.2' merge into 'pic'
+    keys = ["s0", "s1", "s2", "s3", "s3.b", "pic.1", "pic.2", "s7"]
+    for sample, key in zip(samples, keys, strict=True):
+        sample["__key__"] = key
+    foreign = tmp_path / "foreign" / "photos-000000.tar"
+    foreign.parent.mkdir()
+    rewrite_foreign(foreign, samples)
+    assert len(list(iter_shard(foreign))) == 6  # what WebDataset makes of the 8
+
+    package = untrained_package(corpus, tmp_path)
+    args = ["explain", "--model", str(package), "--input", str(foreign), "--output", str(tmp_path / "out"),
+            "explain.batch_size=3", "explain.num_workers=1"]  # fmt: skip
+    assert main(args) == 0
+    assert "; 1 undecodable, 3 under a safe key (a dot in the key)," in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "explain_summary.json").read_text())
+    explained = {s["__key__"]: json.loads(s["json"]) for s in iter_shard(tmp_path / "out" / foreign.name)}
+    assert summary["explained"] == len(explained) == 7 and summary["undecodable"] == 1
+    assert summary["explained"] + summary["undecodable"] == len(keys)
+    assert set(explained) == {"s0", "s1", "s3", "s3_b", "pic_1", "pic_2", "s7"}
+    assert {k: r.get("original_key") for k, r in explained.items() if "original_key" in r} == {
+        "s3_b": "s3.b", "pic_1": "pic.1", "pic_2": "pic.2"
+    }  # fmt: skip
+    assert summary["renamed"] == 3 and [u["key"] for u in summary["undecodable_samples"]] == ["s2"]

@@ -44,6 +44,8 @@ class ShardReport:
     owner: str = ""
     explained: int = 0
     undecodable: list[dict[str, str]] = field(default_factory=list)
+    # Samples whose keys hold a dot, explained under a safe key: key and original.
+    renamed: list[dict[str, str]] = field(default_factory=list)
     # Set when the shard ended early: samples read before the cut, and why it ended.
     truncated: dict[str, Any] | None = None
 
@@ -183,6 +185,9 @@ class ShardWriterThread:
             record = dict(result.record(b, self.meta), source_shard=name)
             if chunk.truths[b] is not None:
                 record["true_class"] = chunk.truths[b]
+            if key in chunk.renamed:
+                record["original_key"] = chunk.renamed[key]
+                report.renamed.append({"key": key, "original": chunk.renamed[key]})
             maps = result.image_maps(b)
             image = Image.fromarray(chunk.images[b])
             heat = maps.astype(np.float32)
