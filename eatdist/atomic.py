@@ -158,7 +158,7 @@ def atomic_path(path: str | Path, what: str, needed: int | None = None, folder: 
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if needed is not None:
-            check_space(final.parent, what, needed)
+            check_space(final, what, needed)
         if folder:
             tmp.mkdir()
         yield tmp

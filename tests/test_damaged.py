@@ -14,6 +14,7 @@ from eatdist.cli.main import main
 from eatdist.data.corpus import ShardInfo, load_dataset_info
 from eatdist.data.pipeline import SKIP_CAUSES, Preprocess, ShardStream, make_loader
 from eatdist.data.shards import iter_shard
+from eatdist.data.tarscan import unmerge
 
 UNDECODABLE = [f"train_{i:07d}" for i in (1, 5, 9, 13, 17, 21)]
 # 128 listed, 32 unusable: 6 undecodable, 2 dotted keys (shard 0), 8 beyond the cut of a truncated
@@ -66,6 +67,20 @@ def test_every_unusable_position_is_counted_by_cause(damaged, world, workers):
     assert damaged.num_samples("train") == 128
     assert skipped == 32 and dict(zip(SKIP_CAUSES, by_cause, strict=True)) == EXPECTED
     assert len(used) == len(set(used)) == 96 and not set(UNDECODABLE) & set(used)
+
+
+def test_unmerge_takes_apart_only_the_samples_webdataset_merged_at_a_dot():
+    plain = {"__key__": "a", "__shard__": "s.tar", "jpg": b"1", "json": b"{}"}
+    assert unmerge(plain)[0] is plain
+    mask = {"__key__": "a", "jpg": b"1", "json": b"{}", "seg.png": b"2"}  # a dotted extension of its own
+    assert unmerge(mask)[0] is mask
+    neighbour = {"__key__": "a", "jpg": b"1", "json": b"{}", "b.jpg": b"2", "b.json": b"{}"}
+    assert [(p["__key__"], p["jpg"]) for p in unmerge(neighbour)] == [("a", b"1"), ("a.b", b"2")]
+    merged = {"__key__": "pic", "__shard__": "s.tar", "1.jpg": b"1", "2.v3.jpg": b"2", "2.v3.json": b"{}"}
+    parts = unmerge(merged)
+    assert [(p["__key__"], sorted(p)) for p in parts] == [
+        ("pic.1", ["__key__", "__shard__", "jpg"]), ("pic.2.v3", ["__key__", "__shard__", "jpg", "json"])
+    ]  # fmt: skip
 
 
 def epoch_records(out):

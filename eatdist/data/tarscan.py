@@ -200,6 +200,8 @@ def unmerge(sample: dict[str, Any]) -> list[dict[str, Any]]:
     any other dotted extension (``seg.png`` beside a ``jpg``) stays a field of ``sample``. Returns
     ``[sample]`` itself when nothing was merged; ``__*__`` entries are copied to every part.
     """
+    if not any("." in k for k in sample if not k.startswith("__")):
+        return [sample]  # the common case, checked first: it runs for every training sample
     meta = {k: v for k, v in sample.items() if k.startswith("__")}
     own = {k: v for k, v in sample.items() if not k.startswith("__") and "." not in k}
     groups: dict[str, dict[str, Any]] = {}
