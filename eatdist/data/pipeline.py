@@ -55,8 +55,6 @@ EPOCH_STATE_BYTES = 1 << 16
 
 # Why a planned position gave no usable sample; counts travel in this order (``batch["skipped_by"]``).
 SKIP_CAUSES = ("undecodable", "missing", "bad_key", "truncated")
-
-
 _CAUSE_WORDS = {"undecodable": "undecodable", "missing": "missing from their shard", "bad_key": "with a bad key",
                 "truncated": "cut off by a truncated shard"}  # fmt: skip
 
@@ -90,6 +88,7 @@ class SkipTally:
             log.warning("skipping %s: %s", redact(what), redact(reason))
 
     def count(self, gap: Gap) -> None:
+        """Count one position that gave no sample (logged where its shard ended)."""
         self.pending[SKIP_CAUSES.index(gap.cause)] += 1
 
     def take(self) -> list[int]:
@@ -130,16 +129,19 @@ def read_positions(
                     break
         except DataError as exc:
             reason = str(exc)
-            if isinstance(exc, TruncatedShard | KeyClash):
-                cause = "truncated" if isinstance(exc, TruncatedShard) else "bad_key"
+            if isinstance(exc, TruncatedShard):
+                cause = "truncated"
+            elif isinstance(exc, KeyClash):
+                cause = "bad_key"
         if count < seg.count:
             missing = seg.count - count
             hidden = min(hidden, missing)
             if tally is not None:
                 if hidden:
                     tally.skip(f"{hidden} samples of {seg.path}", "keys with a dot, merged by WebDataset", 0)
-                tally.skip(f"{missing - hidden} samples of {seg.path}",
-                           reason or f"the shard ended after {seg.start + count}", 0)  # fmt: skip
+                if missing > hidden:
+                    tally.skip(f"{missing - hidden} samples of {seg.path}",
+                               reason or f"the shard ended after {seg.start + count}", 0)  # fmt: skip
             for i in range(count, seg.count):
                 yield first + i, Gap("bad_key" if i - count < hidden else cause)
 
