@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from eatdist.atomic import write_text
 from eatdist.errors import ConfigError, close_matches
 
 
@@ -338,4 +339,4 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (the record saved with every run)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "the run's config")

@@ -235,3 +235,61 @@ def test_one_rank_fails_under_accelerate_launch(tmp_path, trained):
     assert "Connection closed by peer" not in result.stderr
     launcher = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
     assert len(launcher) <= 1 and all(i < launcher[0] for i in ours) if launcher else True
+
+
+# ----------------------------------------------------------------------------- a full disk at every output
+
+LEFT_OVER = (".tmp", ".partial", ".old")
+
+
+def fill(folder, leave):
+    """Fill the file system of ``folder`` but for ``leave`` bytes (a filler file, rewritten); return it."""
+    filler = folder / "filler"
+    filler.unlink(missing_ok=True)
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(folder).free - leave))
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_every_output_is_one_line_and_the_same_commands_complete_once_freed(tmp_path, mount, capsys):
+    from eatdist.cli.main import main
+
+    corpus = write_corpus(tmp_path / "data", {"train": [32], "val": [16]})
+    disk = mount(16)
+    run_dir, explanations = disk / "run", disk / "run" / "explanations"
+    train = ["train", *TRAIN, f"data.root={corpus.root}", f"train.output_dir={run_dir}"]
+    assert main([*train, "train.explain_split=val"]) == 0
+    weights = (run_dir / "model" / "model.safetensors").read_bytes()
+    # what each command is left: a resumed run gets past its config and logs, then meets the disk
+    commands = {
+        "train --resume of a finished run": ([*train, "--resume"], 64 << 10),  # fails at the model package
+        "train --resume of an unfinished run": ([*train, "train.epochs=2", "--resume"], 64 << 10),
+        "export": (
+            ["export", "--model", str(run_dir / "model"), "--format", "torchscript", "--out", str(disk / "m.pt")],
+            64 << 10,
+        ),  # fmt: skip
+        "report": (["report", "--explanations", str(explanations)], 4 << 10),
+        "evaluate": (["evaluate", "--explanations", str(explanations), "--data", str(corpus.root)], 1 << 10),
+    }
+    capsys.readouterr()
+    for name, (args, leave) in commands.items():
+        filler = fill(disk, leave)
+        code = main(args)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip() and "WARNING" not in line]
+        line = the_error(code, lines)
+        assert line.startswith(f"eatdist: error: disk full at {disk}") and " free" in line, (name, line)
+        assert not [p for p in disk.rglob("*") if p.name.endswith(LEFT_OVER)], name
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == weights  # the package as it was
+    assert not (disk / "m.pt").exists() and not (explanations / "report.html").exists()
+    assert not (explanations / "evaluation.json").exists()
+    assert all(json.loads(p.read_text()) is not None for p in disk.rglob("*.json"))  # every JSON whole
+
+    filler.unlink()
+    for name, (args, _) in commands.items():
+        assert main(args) == 0, name
+    assert load_package(run_dir / "model")[1].model_id
+    assert json.loads((run_dir / "final_metrics.json").read_text())["train_skipped_total"] == 0
+    assert (disk / "m.pt").is_file() and (explanations / "report.html").is_file()
+    assert json.loads((explanations / "evaluation.json").read_text())["samples"] == 16

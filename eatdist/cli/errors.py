@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from eatdist import dist
+from eatdist.atomic import free_bytes, human_size
 from eatdist.errors import EatdistError
 
 # Exit codes of the ``eatdist`` command (also in ``eatdist --help``).
@@ -109,10 +110,17 @@ def _os_error_line(code: int | None, strerror: str, filename: object, filename2:
     path = Path(os.fsdecode(filename)) if isinstance(filename, str | bytes) else None
     if path is not None and code == errno.EEXIST and path.exists() and not path.is_dir():
         return f"{path}: is a file, but a folder is needed there"
+    if path is not None and code in (errno.ENOSPC, errno.EDQUOT):
+        cause += f", {_free(path)} free"
     if path is not None and code in _WRITE_ERRORS and not path.exists():
         # The file was being created (often a temporary name): the folder is what the user chose.
         return f"cannot write in {path.parent}: {cause} (creating {path.name})"
     return f"{filename}: {cause}"
+
+
+def _free(path: Path) -> str:
+    free = free_bytes(path)
+    return human_size(free) if free is not None else "unknown"
 
 
 def describe_os_error(exc: OSError) -> str | None:

@@ -91,9 +91,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 0
     mine = summary["by_this_process"]
     done_before = " (the job was complete before this run)" if mine["shards"] == 0 else ""
+    renamed = f" {summary['renamed']} under a safe key (a dot in the key)," if summary.get("renamed") else ""
     print(
         f"explained {summary['explained']} images from {summary['input_shards']} shards into {summary['output']}"
-        f" ({mine['images']} by this process{done_before}); {summary['undecodable']} undecodable,"
+        f" ({mine['images']} by this process{done_before}); {summary['undecodable']} undecodable,{renamed}"
         f" {len(summary['truncated_shards'])} truncated shard(s) (listed in {summary['output']}/explain_summary.json)"
     )
     if summary["incomplete_shards"]:

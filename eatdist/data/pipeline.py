@@ -1,9 +1,13 @@
 """Streaming training and evaluation data from the shards of a corpus.
 
 Each DataLoader worker reads the samples :mod:`eatdist.data.plan` gives it, decodes and checks
-every sample, and batches in the worker. A corrupt sample is skipped and counted; the count
-travels with the next batch (``batch["skipped"]``) so the trainer can report an exact total.
-In training it keeps its place in the batch with ``weight`` 0 (see :class:`ShardStream`).
+every sample, and batches in the worker. Every planned position that gives no usable sample is
+skipped and counted by cause (:data:`SKIP_CAUSES`): undecodable (image or labels), missing from
+its shard (the shard holds fewer samples than ``dataset.json`` lists, is empty or unreadable),
+bad key (a dot in the key: WebDataset merged or split the sample) and truncated (beyond the cut
+of a truncated shard). The counts travel with the next batch (``batch["skipped"]``, and
+``batch["skipped_by"]`` per cause) so the trainer can report exact totals. In training an
+unusable sample keeps its place in the batch with ``weight`` 0 (see :class:`ShardStream`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,7 +44,8 @@ from eatdist.data.plan import (
     take,
 )
 from eatdist.data.remote import redact
-from eatdist.data.shards import iter_shard
+from eatdist.data.shards import KeyClash, TruncatedShard, iter_shard
+from eatdist.data.tarscan import unmerge
 from eatdist.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -48,58 +53,97 @@ MAX_LOGGED_PER_WORKER = 10
 EPOCH_STATE_BYTES = 1 << 16
 
 
+# Why a planned position gave no usable sample; counts travel in this order (``batch["skipped_by"]``).
+SKIP_CAUSES = ("undecodable", "missing", "bad_key", "truncated")
+_CAUSE_WORDS = {"undecodable": "undecodable", "missing": "missing from their shard", "bad_key": "with a bad key",
+                "truncated": "cut off by a truncated shard"}  # fmt: skip
+
+
+def skip_causes_line(counts: list[int] | dict[str, int]) -> str:
+    """Return '6 undecodable, 16 missing from their shard, ...' for the non-zero counts (list in
+    :data:`SKIP_CAUSES` order, or a dict by cause)."""
+    by = counts if isinstance(counts, dict) else dict(zip(SKIP_CAUSES, counts, strict=True))
+    return ", ".join(f"{int(by[c])} {_CAUSE_WORDS[c]}" for c in SKIP_CAUSES if by.get(c))
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A planned position whose shard gave no sample there, and why (one of :data:`SKIP_CAUSES`)."""
+
+    cause: str
+
+
 @dataclass
 class SkipTally:
-    """Unusable samples one worker met: counted as they are met, the first few logged."""
+    """Unusable samples one worker met: counted by cause as they are met, the first few logged."""
 
-    pending: int = 0
+    pending: list[int] = field(default_factory=lambda: [0] * len(SKIP_CAUSES))
     logged: int = 0
 
-    def skip(self, what: str, reason: str, count: int = 1) -> None:
-        self.pending += count
+    def skip(self, what: str, reason: str, count: int = 1, cause: str = "undecodable") -> None:
+        """Count ``count`` unusable samples of ``cause`` and log the first few (``count`` 0: log only)."""
+        self.pending[SKIP_CAUSES.index(cause)] += count
         if self.logged < MAX_LOGGED_PER_WORKER:
             self.logged += 1
             log.warning("skipping %s: %s", redact(what), redact(reason))
 
-    def take(self) -> int:
-        """Return the skips not yet reported and reset them."""
-        count, self.pending = self.pending, 0
-        return count
+    def count(self, gap: Gap) -> None:
+        """Count one position that gave no sample (logged where its shard ended)."""
+        self.pending[SKIP_CAUSES.index(gap.cause)] += 1
+
+    def take(self) -> list[int]:
+        """Return the skips not yet reported, per cause in :data:`SKIP_CAUSES` order, and reset them."""
+        counts, self.pending = self.pending, [0] * len(SKIP_CAUSES)
+        return counts
 
 
 def read_segments(segments: list[Segment], tally: SkipTally, retries: int | None = None) -> Iterator[dict[str, Any]]:
-    """Yield the raw samples of ``segments``; a shard that ends early counts its lost samples."""
+    """Yield the raw samples of ``segments``; the positions a shard did not give are counted."""
     for _, sample in read_positions([(0, seg) for seg in segments], tally, retries):
-        if sample is not None:
+        if isinstance(sample, Gap):
+            tally.count(sample)
+        else:
             yield sample
 
 
 def read_positions(
     segments: list[tuple[int, Segment]], tally: SkipTally | None, retries: int | None = None
-) -> Iterator[tuple[int, dict[str, Any] | None]]:
+) -> Iterator[tuple[int, dict[str, Any] | Gap]]:
     """Yield ``(position, raw sample)`` for every planned sample of ``segments``, in order.
 
-    A sample that cannot be read (a missing, unreadable or short shard) comes as ``None``, so
-    the caller keeps its place in the plan; its shard is logged once.
+    A position the shard does not give comes as a :class:`Gap` with its cause, so the caller keeps
+    its place in the plan and counts it where it is used (a resumed run passes over positions
+    read before without counting them again); the shard is logged once. Samples hidden inside
+    others (keys with a dot, merged by WebDataset) make the shard end early: that many of its
+    missing positions are counted as bad keys.
     """
     for first, seg in segments:
-        count = 0
-        reason = ""
+        count, hidden, reason, cause = 0, 0, "", "missing"
         try:
             for sample in iter_shard(seg.path, seg.start, seg.stop, retries=retries):
                 sample["__shard__"] = seg.path
+                hidden += len(unmerge(sample)) - 1
                 yield first + count, sample
                 count += 1
                 if count == seg.count:
                     break
         except DataError as exc:
             reason = str(exc)
+            if isinstance(exc, TruncatedShard):
+                cause = "truncated"
+            elif isinstance(exc, KeyClash):
+                cause = "bad_key"
         if count < seg.count:
             missing = seg.count - count
+            hidden = min(hidden, missing)
             if tally is not None:
-                tally.skip(f"{missing} samples of {seg.path}", reason or f"the shard ended after {seg.start + count}")
+                if hidden:
+                    tally.skip(f"{hidden} samples of {seg.path}", "keys with a dot, merged by WebDataset", 0)
+                if missing > hidden:
+                    tally.skip(f"{missing - hidden} samples of {seg.path}",
+                               reason or f"the shard ended after {seg.start + count}", 0)  # fmt: skip
             for i in range(count, seg.count):
-                yield first + i, None
+                yield first + i, Gap("bad_key" if i - count < hidden else cause)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -183,8 +227,9 @@ class ShardStream(IterableDataset):
             self.steps = self.plan.steps
         return self.steps
 
-    def _decode(self, position: int, sample: dict[str, Any] | None, tally: SkipTally) -> dict[str, Any] | None:
-        if sample is None:
+    def _decode(self, position: int, sample: dict[str, Any] | Gap, tally: SkipTally) -> dict[str, Any] | None:
+        if isinstance(sample, Gap):
+            tally.count(sample)
             return None
         seed = sample_seed(self.seed, self.epoch, position) if self.train else 0
         try:
@@ -192,7 +237,13 @@ class ShardStream(IterableDataset):
             jpeg = jpeg_bytes(sample) if self.decode_device != "cpu" else None
             tensor = decode_tensor(sample, self.image_size, self.decoder) if jpeg is None else None
         except BadSample as exc:
-            tally.skip(f"sample {sample.get('__key__')} in {sample.get('__shard__')}", str(exc))
+            where = f"sample {sample.get('__key__')} in {sample.get('__shard__')}"
+            parts = unmerge(sample)
+            if parts[0] is not sample:  # a key with a dot: WebDataset cut it there
+                keys = ", ".join(f"'{p['__key__']}'" for p in parts)
+                tally.skip(where, f"key {keys} holds a dot; WebDataset splits keys at the first dot", cause="bad_key")
+            else:
+                tally.skip(where, str(exc))
             return None
         item = {"key": sample["__key__"], "label": label, "attributes": attrs, "attr_mask": mask, "seed": seed}
         if jpeg is not None:  # decoded with the rest of the batch on the device (decode_on_device)
@@ -269,7 +320,7 @@ class ShardStream(IterableDataset):
             if len(batch) == self.batch_size:
                 yield self._collate(batch, tally)
                 batch = []
-        if batch or tally.pending:
+        if batch or any(tally.pending):
             yield self._collate(batch, tally)
 
     def _collate(self, items: list[dict[str, Any] | None], tally: SkipTally) -> dict[str, Any]:
@@ -280,6 +331,7 @@ class ShardStream(IterableDataset):
         filler = valid[0] if valid else {"image": blank, "label": 0, "attributes": zeros}
         filled = [it if it is not None else filler for it in items]
         images = [it["image"] for it in filled]
+        skipped = tally.take()
         return {
             "keys": [it["key"] for it in valid],
             "image": torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8),
@@ -287,7 +339,8 @@ class ShardStream(IterableDataset):
             "attributes": torch.tensor([it["attributes"] for it in filled], dtype=torch.float32).view(-1, len(zeros)),
             "attr_mask": torch.tensor([it["attr_mask"] if it else zeros for it in items]).view(-1, len(zeros)),
             "weight": torch.tensor([1.0 if it is not None else 0.0 for it in items]),
-            "skipped": tally.take(),
+            "skipped": sum(skipped),
+            "skipped_by": torch.tensor(skipped, dtype=torch.long),
             **self._device_decoding(filled),
         }
 

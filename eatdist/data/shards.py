@@ -155,7 +155,7 @@ def iter_shard(
                 continue
             raise DataError(f"shard {name} is not a readable tar archive ({exc})") from None
         except DuplicateMember as exc:
-            raise DataError(f"shard {name}: {exc} (a key with a dot? WebDataset splits keys there)") from None
+            raise KeyClash(f"shard {name}: {exc} (a key with a dot? WebDataset splits keys there)") from None
         except DataError:
             raise
         except Exception as exc:  # network stacks raise many types: each is retried, then reported
@@ -176,10 +176,18 @@ def iter_shard(
         time.sleep(backoff_delay(attempt))
 
 
+class TruncatedShard(DataError):
+    """A shard cut inside its archive: every complete sample before the cut was read."""
+
+
+class KeyClash(DataError):
+    """A shard where two members of one sample share an extension (keys merged at a dot): read up to there."""
+
+
 def _truncated(name: str, offset: int, read: int) -> DataError:
     if offset == 0:
         return DataError(f"shard {name} is not a readable tar archive (empty, or truncated in its first header)")
-    return DataError(f"shard {name} is truncated (cut at byte {offset}): read {read} complete samples")
+    return TruncatedShard(f"shard {name} is truncated (cut at byte {offset}): read {read} complete samples")
 
 
 def src_start(index: ShardIndex, start: int) -> int:

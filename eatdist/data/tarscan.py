@@ -185,6 +185,46 @@ def iter_samples(members: Iterator[Member], boundaries: set[int] | None = None) 
         yield current
 
 
+# Extensions that make a group of members a sample of its own (an image), and labels beside it.
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def unmerge(sample: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the samples WebDataset merged into ``sample`` because their keys hold a dot.
+
+    WebDataset splits a member name at the first dot of its file name, so ``photo.v2.jpg`` and
+    ``photo.v2.json`` come as key ``photo`` with extensions ``v2.jpg`` and ``v2.json``, grouped with
+    a neighbour ``photo`` if there is one. A group of dotted extensions that holds an image is taken
+    for a sample of its own (key ``photo.v2``, extensions ``jpg`` and ``json``) when the sample has
+    no image of its own, or when the group has the same extensions as the sample's own members;
+    any other dotted extension (``seg.png`` beside a ``jpg``) stays a field of ``sample``. Returns
+    ``[sample]`` itself when nothing was merged; ``__*__`` entries are copied to every part.
+    """
+    if not any("." in k for k in sample if not k.startswith("__")):
+        return [sample]  # the common case, checked first: it runs for every training sample
+    meta = {k: v for k, v in sample.items() if k.startswith("__")}
+    own = {k: v for k, v in sample.items() if not k.startswith("__") and "." not in k}
+    groups: dict[str, dict[str, Any]] = {}
+    for ext, value in sample.items():
+        if not ext.startswith("__") and "." in ext:
+            prefix, sub = ext.rsplit(".", 1)
+            groups.setdefault(prefix, {})[sub] = value
+    has_image = any(e in own for e in _IMAGE_EXTS)
+    parts = {
+        prefix: fields
+        for prefix, fields in groups.items()
+        if any(e in fields for e in _IMAGE_EXTS) and (not has_image or set(fields) == set(own))
+    }
+    if not parts:
+        return [sample]
+    key = str(sample.get("__key__", ""))
+    rest = {ext: v for ext, v in sample.items() if not ext.startswith("__") and "." in ext
+            and ext.rsplit(".", 1)[0] not in parts}  # fmt: skip
+    out = [{**meta, **own, **rest}] if own or rest else []
+    out += [{**meta, "__key__": f"{key}.{prefix}", **fields} for prefix, fields in parts.items()]
+    return out
+
+
 def scan_offsets(src: ByteReader) -> tuple[list[int], int, bool]:
     """Read only the headers of the archive in ``src``; return ``(starts, end, cut)``.
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from eatdist.atomic import write_json
 from eatdist.data.corpus import IMAGE_EXTENSIONS
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
@@ -134,7 +135,8 @@ def evaluate_explanations(explanations: str | Path, data: str | Path) -> dict[st
     counts as ``[true, predicted, images]``.
 
     Raises:
-        DataError: when there are no explanation shards or an input shard is missing.
+        DataError: when there are no explanation shards or an input shard is missing;
+        DiskError: naming the file, the size needed and the space free, on a full or read-only disk.
     """
     out_dir, data_dir = Path(explanations), Path(data)
     shards = sorted(out_dir.glob("*.tar"))
@@ -200,9 +202,9 @@ def evaluate_explanations(explanations: str | Path, data: str | Path) -> dict[st
         "breakdown": str(out_dir / BREAKDOWN_FILE),
     }
     # Per-class and per-attribute tables are long (CUB: 200 and 312 rows): a file of their own.
-    (out_dir / BREAKDOWN_FILE).write_text(json.dumps(_breakdown(t, _attribute_names(data_dir)), indent=1))
+    write_json(out_dir / BREAKDOWN_FILE, _breakdown(t, _attribute_names(data_dir)), "the per-class breakdown")
     result.update(attribute_metrics(attribute_rows, data_dir, out_dir))
-    (out_dir / EVALUATION_FILE).write_text(json.dumps(result, indent=1))
+    write_json(out_dir / EVALUATION_FILE, result, "the evaluation")
     return result
 
 
@@ -230,7 +232,7 @@ def attribute_metrics(
         names, groups = [f"attribute {a}" for a in range(width)], {}
     probs, truth, mask = (np.stack([r[i] for r in rows]) for i in range(3))
     table = attribute_table(probs, truth, mask, names, groups)
-    (out_dir / ATTRIBUTE_FILE).write_text(json.dumps(table, indent=1))
+    write_json(out_dir / ATTRIBUTE_FILE, table, "the attribute tables")
     worst, best = ranked(table, 3)
     return {
         "attr_mean_ap": table["mean_ap"],

@@ -117,7 +117,7 @@ def read_job(out_dir: Path) -> dict[str, Any]:
 
 def summarise(out_dir: Path, inputs: list[str]) -> dict[str, Any]:
     """Gather the per-shard reports of the job into one summary, write it and return it."""
-    explained, undecodable, missing, truncated = 0, [], [], []
+    explained, undecodable, missing, truncated, renamed = 0, [], [], [], []
     for path in inputs:
         name = output_name(path)
         report_file = out_dir / REPORTS / f"{name}.json"
@@ -127,6 +127,7 @@ def summarise(out_dir: Path, inputs: list[str]) -> dict[str, Any]:
         report = json.loads(report_file.read_text())
         explained += report["explained"]
         undecodable += [dict(u, shard=name) for u in report["undecodable"]]
+        renamed += [dict(r, shard=name) for r in report.get("renamed", [])]
         if report.get("truncated"):
             truncated.append(dict(report["truncated"], shard=name, explained=report["explained"]))
     summary = {
@@ -135,6 +136,8 @@ def summarise(out_dir: Path, inputs: list[str]) -> dict[str, Any]:
         "undecodable": len(undecodable),
         "undecodable_samples": undecodable,
         "truncated_shards": truncated,
+        "renamed": len(renamed),  # keys with a dot, explained under a safe key
+        "renamed_samples": renamed,
         "incomplete_shards": missing,
         "output": str(out_dir),
     }

@@ -9,6 +9,12 @@ them through a small shared buffer read when they start each pass.
 A shard that ends early (``iter_shard`` raises ``DataError`` after some samples) still yields every
 chunk before the cut, the last one marked with the error; one that cannot be read at all gives a
 single empty chunk with the error.
+
+No sample is lost without a trace: samples whose keys hold a dot, which WebDataset merges into
+one at the first dot (``photo.v2.jpg`` reads as key ``photo``), are taken apart again
+(:func:`eatdist.data.tarscan.unmerge`) and explained under a safe key, the dots made ``_``, with
+the original key recorded (``Chunk.renamed``); a sample that still cannot be decoded is listed
+with the reason. Explained plus listed is every sample of the shard.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torchvision.transforms import v2
 from eatdist.data.pipeline import BadSample, decode_image
 from eatdist.data.shardindex import load_index
 from eatdist.data.shards import iter_shard
+from eatdist.data.tarscan import unmerge
 from eatdist.errors import DataError
 
 _URL_BYTES = 8192
@@ -43,6 +50,7 @@ class Chunk:
     pixels: torch.Tensor | None = None  # [n, 3, S, S] float, the model input
     images: list[np.ndarray] = field(default_factory=list)  # [H, W, 3] uint8, for the overlays
     bad: list[dict[str, str]] = field(default_factory=list)  # undecodable: key and reason
+    renamed: dict[str, str] = field(default_factory=dict)  # safe key -> the original key with its dots
     read: int = 0  # samples of the shard read up to the end of this chunk
     error: str | None = None  # the shard ended here: why
     decode_s: float = 0.0
@@ -81,14 +89,30 @@ class ShardChunks(IterableDataset):
             raise DataError(f"input shard name longer than {_URL_BYTES - 1} bytes: {url[:80]}...")
         self._url.value = data  # type: ignore[attr-defined]
 
-    def _decode(self, chunk: Chunk, sample: dict[str, Any]) -> torch.Tensor | None:
+    def _decode(self, chunk: Chunk, sample: dict[str, Any]) -> list[torch.Tensor]:
+        """Decode ``sample`` (every sample WebDataset merged into it) into ``chunk``; return the
+        model inputs of those that decode, list the others in ``chunk.bad``."""
+        parts = unmerge(sample)
+        found = (self._decode_one(chunk, part, part["__key__"] != sample["__key__"]) for part in parts)
+        return [t for t in found if t is not None]
+
+    def _decode_one(self, chunk: Chunk, sample: dict[str, Any], split: bool) -> torch.Tensor | None:
+        original = sample["__key__"]
         try:
             image = decode_image(sample)
         except BadSample as exc:
-            chunk.bad.append({"key": sample["__key__"], "reason": str(exc)})
+            reason = str(exc)
+            dotted = [ext for ext in sample if "." in ext and not ext.startswith("__")]
+            if dotted:
+                reason += f" (members {', '.join(dotted)}: a key with a dot, which WebDataset splits there)"
+            chunk.bad.append({"key": original, "reason": reason})
             return None
+        key = original
+        if split:  # a key with a dot: explained under one that reads back whole
+            key = original.replace(".", "_")
+            chunk.renamed[key] = original
         array = np.array(image, dtype=np.uint8)
-        chunk.keys.append(sample["__key__"])
+        chunk.keys.append(key)
         chunk.truths.append(_true_class(sample))
         chunk.images.append(array)
         return self.transform(torch.from_numpy(array).permute(2, 0, 1))
@@ -118,9 +142,7 @@ class ShardChunks(IterableDataset):
             try:
                 for sample in iter_shard(url, read, min(count, read + size)):
                     read += 1
-                    tensor = self._decode(chunk, sample)
-                    if tensor is not None:
-                        tensors.append(tensor)
+                    tensors += self._decode(chunk, sample)
             except DataError as exc:  # the shard changed or vanished since its index was read
                 chunk.error = str(exc)
             chunk.pixels = torch.stack(tensors) if tensors else None
@@ -146,9 +168,7 @@ class ShardChunks(IterableDataset):
                 if index % workers == worker:
                     if chunk is None:
                         chunk, started = Chunk(index), time.perf_counter()
-                    tensor = self._decode(chunk, sample)
-                    if tensor is not None:
-                        tensors.append(tensor)
+                    tensors += self._decode(chunk, sample)
                 read += 1
                 if chunk is not None and read % size == 0:
                     yield finish(chunk)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eatdist.atomic import write_text
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
 from eatdist.explain.evaluate import BREAKDOWN_FILE, EVALUATION_FILE
@@ -255,7 +256,8 @@ def write_report(explanations: str | Path, out: str | Path | None = None, sample
 
     At most ``samples`` cards: mistakes first, then the least confident predictions. Images are
     embedded, so the page can be mailed or archived alone. Raises:
-        DataError: when ``explanations`` holds no explanation shards.
+        DataError: when ``explanations`` holds no explanation shards;
+        DiskError: naming the page, the size needed and the space free, on a full or read-only disk.
     """
     folder = Path(explanations)
     shards = sorted(folder.glob("*.tar"))
@@ -322,5 +324,5 @@ def write_report(explanations: str | Path, out: str | Path | None = None, sample
         f"{controls}<div class='grid'>{''.join(cards)}</div></body></html>"
     )
     target = Path(out) if out is not None else folder / REPORT_FILE
-    target.write_text(page, encoding="utf-8")
+    write_text(target, page, "the report page")
     return target

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from eatdist.atomic import write_json
 from eatdist.data.shards import AtomicShardWriter
 from eatdist.explain.explainer import BatchResult
 from eatdist.explain.loader import Chunk
@@ -44,6 +44,8 @@ class ShardReport:
     owner: str = ""
     explained: int = 0
     undecodable: list[dict[str, str]] = field(default_factory=list)
+    # Samples whose keys hold a dot, explained under a safe key: key and original.
+    renamed: list[dict[str, str]] = field(default_factory=list)
     # Set when the shard ended early: samples read before the cut, and why it ended.
     truncated: dict[str, Any] | None = None
 
@@ -64,10 +66,12 @@ class ClaimLost(Exception):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON under a temporary name, then rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    """Write ``data`` as JSON under a temporary name, then rename it to ``path``.
+
+    Raises:
+        DiskError: naming ``path``, the size needed and the space free, on a full or read-only disk.
+    """
+    write_json(path, data, f"the explanation record {path.name}")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -181,6 +185,9 @@ class ShardWriterThread:
             record = dict(result.record(b, self.meta), source_shard=name)
             if chunk.truths[b] is not None:
                 record["true_class"] = chunk.truths[b]
+            if key in chunk.renamed:
+                record["original_key"] = chunk.renamed[key]
+                report.renamed.append({"key": key, "original": chunk.renamed[key]})
             maps = result.image_maps(b)
             image = Image.fromarray(chunk.images[b])
             heat = maps.astype(np.float32)

@@ -11,7 +11,6 @@ The ``hub`` format writes a folder for the Hugging Face Hub instead (:mod:`eatdi
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import asdict
@@ -20,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from eatdist.atomic import atomic_path, write_json
 from eatdist.errors import EatdistError
 from eatdist.models.eat import EATModel
 from eatdist.models.package import PackageMeta, load_package
@@ -100,6 +100,8 @@ def export_package(
     returns ``out``; "hub" writes the folder ``out`` for Hub repository ``repo`` (see
     :func:`eatdist.models.hub.write_hub_folder`). Raises:
         ExportError: for an unknown format or a failed export;
+        DiskError: naming ``out``, the size needed and the space free, on a full or read-only disk
+            (nothing is left under ``out``);
         ModelPackageError: when ``package`` is not a usable model package.
     """
     if fmt not in FORMATS:
@@ -110,17 +112,19 @@ def export_package(
         return write_hub_folder(package, out, repo)
     model, meta = load_package(package, "cpu")
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
     example = example_input(meta)
-    if fmt == "onnx":
-        export_onnx(model, example, target, opset)
-    else:
-        export_torchscript(model, example, target)
+    # about the weights' size, plus the graph
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
+    with atomic_path(target, f"the {fmt} model", needed) as tmp:
+        if fmt == "onnx":
+            export_onnx(model, example, tmp, opset)
+        else:
+            export_torchscript(model, example, tmp)
     sidecar = {
         "format": fmt,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, example.shape[2], example.shape[3]], "dtype": "float32"},
         "outputs": list(OUTPUT_NAMES),
         "package": asdict(meta),
     }
-    Path(f"{target}.json").write_text(json.dumps(sidecar, indent=1))
+    write_json(f"{target}.json", sidecar, "the exported model's metadata")
     return target

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from eatdist.atomic import atomic_path
 from eatdist.data.pipeline import Preprocess
 from eatdist.errors import EatdistError, ModelPackageError
 from eatdist.models.eat import EATModel
@@ -90,14 +91,22 @@ def backbone_preprocess(model: EATModel, image_size: int) -> Preprocess:
 
 
 def save_package(path: str | Path, model: nn.Module, meta: PackageMeta) -> Path:
-    """Write weights and metadata into folder ``path``; set ``meta.model_id``; return the folder."""
+    """Write weights and metadata into folder ``path``; set ``meta.model_id``; return the folder.
+
+    The package is written in a temporary folder beside ``path`` and swapped in when complete, so
+    ``path`` holds the previous package or the new one, never a mix or a half-written file.
+    Raises:
+        DiskError: naming ``path``, the size needed and the space free, when the disk is full or
+            not writable.
+    """
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / WEIGHTS_FILE
-    save_model(model, str(weights))
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
-    meta.model_id = f"{meta.dataset or 'eat'}-{meta.backbone.replace('/', '_')}-{digest}"
-    (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=1))
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (64 << 10)
+    with atomic_path(folder, "the model package", needed, folder=True) as tmp:
+        weights = tmp / WEIGHTS_FILE
+        save_model(model, str(weights))
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+        meta.model_id = f"{meta.dataset or 'eat'}-{meta.backbone.replace('/', '_')}-{digest}"
+        (tmp / META_FILE).write_text(json.dumps(asdict(meta), indent=1))
     return folder
 
 

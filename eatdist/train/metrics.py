@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+
+from eatdist.atomic import write_error, write_text
 
 
 def _step_of(line: str) -> float:
@@ -43,16 +44,23 @@ class MetricsLogger:
             path = run_dir / "metrics.jsonl"
             if resume_step is not None and path.is_file():
                 kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-                tmp = path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                os.replace(tmp, path)
+                write_text(path, "".join(line + "\n" for line in kept), "the metrics log")
+            self.path = path
             self._file = open(path, "a", buffering=1)
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        """Record ``values`` of type ``kind`` ("step", "epoch", "test") at global ``step``."""
+        """Record ``values`` of type ``kind`` ("step", "epoch", "test") at global ``step``.
+
+        Raises:
+            DiskError: naming ``metrics.jsonl`` and the space free, when the disk is full or not writable.
+        """
         if not self.enabled or self._file is None:
             return
-        self._file.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3), **values}) + "\n")
+        line = json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3), **values}) + "\n"
+        try:
+            self._file.write(line)
+        except OSError as exc:
+            raise write_error(exc, self.path, "a metrics record", len(line)) or exc from None
         if self.accelerator is not None and self.accelerator.trackers:
             scalars = {
                 f"{kind}/{name}": value

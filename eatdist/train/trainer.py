@@ -7,7 +7,6 @@ checkpoint files; this module plans the data, runs the steps and writes what a u
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -21,8 +20,10 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from tqdm import tqdm
 
 from eatdist import dist
+from eatdist.atomic import write_json
 from eatdist.config import Config, save_config
 from eatdist.data.corpus import DatasetInfo, load_dataset_info
+from eatdist.data.pipeline import SKIP_CAUSES, skip_causes_line
 from eatdist.data.plan import Phase
 from eatdist.data.remote import redact
 from eatdist.errors import ConfigError
@@ -47,6 +48,8 @@ from eatdist.train.schedule import build_optimizer, build_scheduler, current_lr
 from eatdist.train.tracking import TENSORBOARD_DIR, log_images, start_trackers, tracker_names
 
 log = logging.getLogger(__name__)
+# The epoch's running sums: loss, steps, skipped samples, then skipped samples per cause (SKIP_CAUSES).
+SUMS = 3 + len(SKIP_CAUSES)
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -181,10 +184,11 @@ class Trainer:
         # Where the current epoch stands: its finished phases and the steps of the current one.
         self.phases: list[Phase] = []
         self.epoch_step = 0
-        # Sums over all ranks of the epoch's steps so far that are in a checkpoint: loss, steps, skipped.
-        self.epoch_base = [0.0, 0.0, 0.0]
+        # Sums over all ranks of the epoch's steps so far that are in a checkpoint (see SUMS).
+        self.epoch_base = [0.0] * SUMS
         self.keys: list[str] = []  # this rank's keys of the current phase, one line per step
         self.skipped_train = 0
+        self.skipped_by = dict.fromkeys(SKIP_CAUSES, 0)  # the run's skipped training samples, by cause
         self.epoch_steps: list[int] = []  # steps per rank of each finished epoch
         self.last_metrics: dict[str, Any] = {}
         # Per-attribute tables of the latest evaluation of each split (final_metrics.json).
@@ -216,6 +220,7 @@ class Trainer:
             "epoch_step": self.epoch_step,
             "epoch_sums": self._epoch_totals(),
             "skipped_train": self.skipped_train,
+            "skipped_train_by": self.skipped_by,
             "epoch_steps": self.epoch_steps,
             "last_metrics": self.last_metrics,
             "attribute_tables": self.attribute_tables,
@@ -230,8 +235,10 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.phases = [Phase.from_json(p) for p in state.get("phases", [])]
         self.epoch_step = int(state.get("epoch_step", 0))
-        self.epoch_base = [float(v) for v in state.get("epoch_sums", [0.0, 0.0, 0.0])]
+        base = [float(v) for v in state.get("epoch_sums", [])]
+        self.epoch_base = base + [0.0] * (SUMS - len(base))  # older checkpoints kept no causes
         self.skipped_train = int(state.get("skipped_train", 0))
+        self.skipped_by = {c: int(state.get("skipped_train_by", {}).get(c, 0)) for c in SKIP_CAUSES}
         self.epoch_steps = [int(n) for n in state.get("epoch_steps", [])]
         self.last_metrics = dict(state.get("last_metrics", {}))
         self.attribute_tables = dict(state.get("attribute_tables", {}))
@@ -279,8 +286,8 @@ class Trainer:
         return True
 
     def _epoch_totals(self) -> list[float]:
-        """Sums over all ranks of the epoch so far (collective): loss, steps, skipped samples."""
-        totals = self.accelerator.reduce(self.sums.clone(), "sum") if hasattr(self, "sums") else torch.zeros(3)
+        """Sums over all ranks of the epoch so far (collective): see :data:`SUMS`."""
+        totals = self.accelerator.reduce(self.sums.clone(), "sum") if hasattr(self, "sums") else torch.zeros(SUMS)
         return [float(t) + b for t, b in zip(totals.tolist(), self.epoch_base, strict=True)]
 
     def _keys_file(self) -> Path:
@@ -351,8 +358,8 @@ class Trainer:
             disable=not acc.is_main_process,
             dynamic_ncols=True,
         )
-        # Per-rank sums of this process's steps: loss, steps, skipped; on the device, read rarely.
-        self.sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
+        # Per-rank sums of this process's steps (see SUMS); on the device, read rarely.
+        self.sums = torch.zeros(SUMS, dtype=torch.float64, device=acc.device)
         window = torch.zeros(2, dtype=torch.float64, device=acc.device)
         start, images = time.time(), 0
         loader = self.batches.train()
@@ -367,20 +374,28 @@ class Trainer:
             bar.close()
         totals = self._epoch_totals()
         self.skipped_train += int(totals[2])
+        causes = dict(zip(SKIP_CAUSES, (int(t) for t in totals[3:]), strict=True))
+        for cause, n in causes.items():
+            self.skipped_by[cause] += n
         self.epoch_steps.append(before + self.epoch_step)
         self._write_keys()
         if int(totals[2]):
-            acc.print(f"epoch {self.epoch + 1}: skipped {int(totals[2])} unusable training samples (see warnings)")
+            acc.print(
+                f"epoch {self.epoch + 1}: skipped {int(totals[2])} unusable training samples "
+                f"({skip_causes_line(causes)}; see warnings)"
+            )
         images_per_s = images * acc.num_processes / max(1e-9, time.time() - start)
         return {
             "train_loss": totals[0] / max(1.0, totals[1]),
             "train_skipped": int(totals[2]),
+            **{f"train_skipped_{cause}": n for cause, n in causes.items()},
             "images_per_s": round(images_per_s, 1),
         }
 
     def _run_step(self, batch: dict[str, Any], window: torch.Tensor) -> int:
         """Train on one batch and add to the running sums; return the number of usable images."""
         skipped = int(batch.pop("skipped"))
+        causes = batch.pop("skipped_by")
         if self.cfg.train.record_keys:
             self.keys.append(" ".join(batch["keys"]))
         loss = self.train_step(self.batches.to_device(batch, self.train_data, self.input_dtype)).double()
@@ -388,6 +403,7 @@ class Trainer:
         self.sums[0] += loss
         self.sums[1] += 1
         self.sums[2] += skipped
+        self.sums[3:] += causes.to(self.sums)
         window[0] += loss
         window[1] += 1
         return len(batch["keys"])
@@ -459,7 +475,7 @@ class Trainer:
             metrics = {**epoch_metrics, "lr": current_lr(self.scheduler.optimizer)}
             metrics.update(self.evaluate(val))
             self.epoch += 1
-            self.phases, self.epoch_step, self.epoch_base, self.keys = [], 0, [0.0, 0.0, 0.0], []
+            self.phases, self.epoch_step, self.epoch_base, self.keys = [], 0, [0.0] * SUMS, []
             del self.sums
             self.last_metrics = dict(metrics)
             self.logger.log("epoch", self.global_step, {"epoch": self.epoch, **metrics})
@@ -475,6 +491,12 @@ class Trainer:
             self.logger.log("test", self.global_step, test)
             metrics.update(test)
         metrics["train_skipped_total"] = self.skipped_train
+        metrics.update({f"train_skipped_total_{cause}": n for cause, n in self.skipped_by.items()})
+        if self.skipped_train:
+            acc.print(
+                f"skipped {self.skipped_train} unusable training samples over {self.epoch} epoch(s): "
+                f"{skip_causes_line(self.skipped_by)}"
+            )
         if self.best["value"] is not None:
             metrics["best_epoch"] = self.best["epoch"]
         metrics["attribute_metrics"] = self.attribute_tables
@@ -577,7 +599,7 @@ class Trainer:
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
             save_package(path, model, self._package_meta(metrics))
             if folder == "model":
-                (self.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
+                write_json(self.run_dir / "final_metrics.json", metrics, "the final metrics")
                 acc.print(f"model package: {path}" + (" (EMA weights)" if self.ema is not None else ""))
         acc.wait_for_everyone()
         return path
@@ -595,9 +617,11 @@ class Trainer:
             "world": acc.num_processes,
             "zero_stage": zero_stage(acc),
             "steps_per_epoch": self.epoch_steps,
+            "train_skipped": self.skipped_train,
+            "train_skipped_by": self.skipped_by,
             "parameter_sha256": digest,
         }
-        (folder / f"rank-{acc.process_index}.json").write_text(json.dumps(report))
+        write_json(folder / f"rank-{acc.process_index}.json", report, "the rank report", indent=None)
 
     def close(self) -> None:
         """Flush logs and leave the process group (avoids an abort at interpreter exit)."""
