@@ -3,7 +3,6 @@ torchrun restarting its workers after a kill and continuing with the nodes that 
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -125,18 +124,22 @@ def test_a_rank_that_forks_fails_the_run_in_one_line(corpus, tmp_path):
     assert not list((out / "checkpoints").glob("step-*"))  # a forked run leaves no checkpoint
 
 
-def test_srun_without_a_launcher_is_refused_in_one_line(corpus, tmp_path):
-    result = run([sys.executable, "-m", "eatdist", *train_args(corpus, tmp_path / "run")],
-                 env=plain_env(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1", SLURM_NTASKS="2"))  # fmt: skip
-    assert result.returncode == 2
-    assert (
-        result.stderr.strip()
-        .splitlines()[-1]
-        .endswith(
-            "srun started 2 tasks of 'eatdist train' with no launcher in between: each would train a model of its own; "
-            "start it with torchrun, accelerate launch or launch/slurm.sh (see docs/launchers.md)"
-        )
+def test_srun_without_a_launcher_is_refused_in_one_line(corpus, tmp_path, monkeypatch, capsys):
+    from eatdist.cli.main import main
+
+    # what srun sets for the second of 2 tasks started with no launcher in between
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert main(train_args(corpus, tmp_path / "run")) == 2
+    assert capsys.readouterr().err == (
+        "[rank 1] eatdist: error: srun started 2 tasks of 'eatdist train' with no launcher in between: each would "
+        "train a model of its own; start it with torchrun, accelerate launch or launch/slurm.sh "
+        "(see docs/launchers.md)\n"
     )
+    assert not (tmp_path / "run").exists()
 
 
 def workers(proc):
@@ -149,6 +152,14 @@ def workers(proc):
         except (psutil.NoSuchProcess, KeyError):
             continue
     return found
+
+
+def stop(proc):
+    """Kill what is left of a torchrun process and its workers (a test that failed half-way)."""
+    if proc.poll() is None:
+        for child in [*workers(proc).values(), psutil.Process(proc.pid)]:
+            child.kill()
+    proc.communicate()
 
 
 def wait_for_checkpoint(out, proc, timeout=300):
@@ -165,12 +176,14 @@ def test_torchrun_restarts_a_killed_worker_and_ends_bitwise_equal(corpus, torchr
     out = tmp_path / "run"
     cmd, env = torchrun_script(MAX_RESTARTS="2")
     proc = start(cmd + train_args(corpus, out), env)
-    wait_for_checkpoint(out, proc)
-    ranks = workers(proc)
-    ranks[1].kill()
-    state = latest_state(out)
-    assert state["epoch"] == 0 and 0 < state["epoch_step"] < 12  # killed mid-epoch, after a step checkpoint
-    stdout, stderr = proc.communicate(timeout=400)
+    try:
+        wait_for_checkpoint(out, proc)
+        workers(proc)[1].kill()
+        state = latest_state(out)
+        assert state["epoch"] == 0 and 0 < state["epoch_step"] < 12  # killed mid-epoch, after a step checkpoint
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        stop(proc)
     assert proc.returncode == 0, stderr[-3000:]
     assert "restart 1 of the worker group: continuing from the latest checkpoint" in stdout
     assert digests(out) == digests(torchrun_reference)  # bitwise the uninterrupted model
@@ -201,10 +214,8 @@ def test_torchrun_elastic_nodes_finish_without_the_stopped_one(corpus, tmp_path)
         assert state["phase"]["world"] == 2 and state["epoch"] == 0 and 0 < state["epoch_step"] < 12
         stdout, stderr = node0.communicate(timeout=400)
     finally:
-        for proc in (node0, node1):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(node0)
+        stop(node1)
     assert node0.returncode == 0, stderr[-3000:]
     assert json.loads((out / "ranks" / "rank-0.json").read_text())["world"] == 1
     logs = sorted((out / "ranks").glob("keys-epoch0001*-rank*.txt"))
