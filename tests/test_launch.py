@@ -59,10 +59,15 @@ def test_slurm_script_derives_the_rendezvous(tmp_path):
 
 def test_torchrun_script(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "NNODES": "2", "NODE_RANK": "1", "MAIN_ADDR": "node0", "NPROC_PER_NODE": "4"}
-    line = dry_run("torchrun.sh", env, "explain", "--model", "m")
-    assert "--nnodes 2 --node_rank 1 --nproc_per_node 4 --master_addr node0" in line and line.strip().endswith(
-        "-m eatdist explain --model m"
-    )
+    line = dry_run("torchrun.sh", dict(env), "explain", "--model", "m")
+    assert line.split() == ["torchrun", "--nnodes", "2", "--nproc_per_node", "4", "--max_restarts", "0", "--node_rank",
+                            "1", "--master_addr", "node0", "--master_port", "29500", "-m", "eatdist", "explain",
+                            "--model", "m"]  # fmt: skip
+    # elastic: nodes from 1 to 4 meet at a c10d rendezvous, restarted up to 3 times
+    line = dry_run("torchrun.sh", {**env, "NNODES": "1:4", "MAX_RESTARTS": "3", "RDZV_ID": "job7"}, "train")
+    assert line.split() == ["torchrun", "--nnodes", "1:4", "--nproc_per_node", "4", "--max_restarts", "3",
+                            "--rdzv_backend", "c10d", "--rdzv_endpoint", "node0:29500", "--rdzv_id", "job7",
+                            "-m", "eatdist", "train"]  # fmt: skip
 
 
 def test_gpu_smoke_script_commands_parse(tmp_path):

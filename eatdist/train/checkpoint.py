@@ -55,6 +55,10 @@ class CheckpointStore:
     def load_state(self, path: Path) -> dict[str, Any]:
         return json.loads((path / STATE_FILE).read_text())
 
+    def written_at(self, path: Path) -> float:
+        """Return when checkpoint ``path`` was completed (its state file lands last), as a Unix time."""
+        return (path / STATE_FILE).stat().st_mtime
+
     def _estimate(self, model: torch.nn.Module) -> int:
         """Bytes the next checkpoint needs: the last one's size, else weights + two Adam moments."""
         done = self.complete()

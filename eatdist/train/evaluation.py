@@ -11,6 +11,7 @@ from accelerate import Accelerator
 
 from eatdist.config import Config
 from eatdist.data.corpus import DatasetInfo
+from eatdist.errors import EatdistError
 from eatdist.metrics.attributes import AttributeScores
 from eatdist.models.eat import EATModel, eat_loss
 from eatdist.train.batches import Batches
@@ -60,6 +61,7 @@ class Evaluator:
             sums[6] += parts["attr"] * mask.sum()
             scores.update(out.attr_logits.float().sigmoid(), batch["attributes"], mask)
         sums = acc.reduce(sums, "sum")
+        self._check_counted(split, int(sums[1]), int(sums[4]))
         table = scores.table(self.info.attributes, self.info.attribute_groups)
         samples, annotated = sums[1].clamp(min=1), sums[3].clamp(min=1)
         metrics = {
@@ -72,6 +74,21 @@ class Evaluator:
             f"{split}_skipped": int(sums[4]),
         }
         return metrics, table
+
+    def _check_counted(self, split: str, samples: int, skipped: int) -> None:
+        """Make sure every sample of ``split`` was counted once across the ranks (used or skipped).
+
+        Raises:
+            EatdistError: when the count differs from ``dataset.json``'s, e.g. ranks that evaluated
+                alone because the launcher joined no process group.
+        """
+        expected = self.info.num_samples(split)
+        if samples + skipped != expected:
+            raise EatdistError(
+                f"evaluating '{split}' counted {samples + skipped} samples ({skipped} skipped) over "
+                f"{self.acc.num_processes} process(es), but dataset.json lists {expected}: the ranks did not "
+                "split it between them (see docs/launchers.md)"
+            )
 
     def _batches(self, loader: Any) -> Iterator[dict[str, Any]]:
         """Yield the loader's batches; under ZeRO-3 also empty ones until every rank is done.

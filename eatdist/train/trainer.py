@@ -6,7 +6,6 @@ checkpoint files; this module plans the data, runs the steps and writes what a u
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -16,7 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from tqdm import tqdm
 
 from eatdist import dist
@@ -36,10 +41,10 @@ from eatdist.train.ema import WeightAverage
 from eatdist.train.evaluation import Evaluator
 from eatdist.train.metrics import MetricsLogger
 from eatdist.train.preempt import EXIT_PREEMPTED, PreemptionWatch
+from eatdist.train.replicas import check_replicas, diverge_for_test, parameter_digest  # noqa: F401 (re-exported)
 from eatdist.train.scale import (
     apply_model_options,
     configure_deepspeed,
-    gathered,
     scaled_lr,
     uses_deepspeed,
     zero_stage,
@@ -58,30 +63,29 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
     Raises:
         ConfigError: for an unknown or uninstalled tracker.
+        EatdistError: when the launcher started processes that would not train one model.
     """
+    dist.check_training_world()
+    dist.join_restarted_group()
     several = dist.world_size() > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
+    cpu_world = several and not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu_world else []
+    # Without CUDA, Accelerate joins the launcher's processes only when told to use the CPU
+    # (ACCELERATE_USE_CPU, which torchrun, srun and the deepspeed launcher do not set): else each
+    # process trains alone. DeepSpeed finds the CPU itself, and the CPU flag would turn it off.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     run_dir = Path(cfg.train.output_dir)
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TENSORBOARD_DIR))
-    return Accelerator(
+    acc = Accelerator(
+        cpu=cpu_world and not deepspeed,
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=cfg.train.mixed_precision,
         kwargs_handlers=handlers,
         log_with=tracker_names(cfg.train) or None,
         project_config=project,
     )
-
-
-def parameter_digest(model: torch.nn.Module) -> str:
-    """Return a SHA-256 over every parameter's values (as float32), in name order.
-
-    Equal digests mean equal parameters; run it inside :func:`gathered` under ZeRO-3.
-    """
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    dist.check_training_world(acc.num_processes if acc.distributed_type != DistributedType.NO else 1)
+    return acc
 
 
 def _validate(cfg: Config) -> None:
@@ -267,7 +271,12 @@ class Trainer:
         return self.store.complete()
 
     def save(self) -> Path:
-        """Save a checkpoint at the current step (collective) and prune old ones."""
+        """Save a checkpoint at the current step (collective) and prune old ones.
+
+        Raises:
+            ReplicaError: when the ranks' parameters differ; no checkpoint of a forked run is written.
+        """
+        check_replicas(self.accelerator.unwrap_model(self.model), self.accelerator, self.global_step)
         self._write_keys()
         path = self.store.save(self.global_step, self.state_dict(), self.accelerator.unwrap_model(self.model))
         log.info("checkpoint %s at step %d", path, self.global_step)
@@ -340,6 +349,8 @@ class Trainer:
             if acc.sync_gradients:
                 self.global_step += 1
                 self.scheduler.step_update(self.global_step)
+                if self.global_step == 1:
+                    diverge_for_test(acc.unwrap_model(self.model), acc)
                 if self.ema is not None:
                     self.ema.update(acc.unwrap_model(self.model), self.global_step)
         return loss.detach()
@@ -444,6 +455,9 @@ class Trainer:
         export the model package and return the final metrics; None when preempted (a checkpoint
         was saved: rerun with ``--resume``)."""
         acc, cfg = self.accelerator, self.cfg
+        if not resume and self._restarted_by_launcher():
+            acc.print(f"restart {dist.restart_count()} of the worker group: continuing from the latest checkpoint")
+            resume = True
         if not resume and self.checkpoints():
             raise ConfigError(
                 f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
@@ -504,6 +518,19 @@ class Trainer:
         self._print_summary(metrics)
         self._write_rank_report()
         return metrics
+
+    def _restarted_by_launcher(self) -> bool:
+        """True when torchrun restarted the worker group of this job and the run has a checkpoint.
+
+        The checkpoint must be newer than torchrun's agent: one left by an earlier job in the same
+        folder is not continued without ``--resume``. Rank 0 decides for all.
+        """
+        found = self.checkpoints() if dist.restart_count() > 0 else []
+        started = dist.launcher_start_time()
+        decision = [bool(found) and (started is None or self.store.written_at(found[-1]) >= started)]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(decision)
+        return decision[0]
 
     def _print_summary(self, metrics: dict[str, Any]) -> None:
         """Print the final scores: test (else validation) top-1, attribute accuracy, worst and best attributes."""
@@ -605,13 +632,11 @@ class Trainer:
         return path
 
     def _write_rank_report(self) -> None:
-        """Each rank records its step counts and a digest of its parameters (divergence check)."""
+        """Each rank records its step counts and the digest of its parameters, checked equal on all ranks."""
         acc = self.accelerator
         folder = self.run_dir / "ranks"
         folder.mkdir(parents=True, exist_ok=True)
-        model = acc.unwrap_model(self.model)
-        with gathered(model, acc):
-            digest = parameter_digest(model)
+        digest = check_replicas(acc.unwrap_model(self.model), acc, self.global_step)
         report = {
             "rank": acc.process_index,
             "world": acc.num_processes,
