@@ -29,6 +29,7 @@ from eatdist.errors import ConfigError
 from eatdist.metrics.attributes import summary_line
 from eatdist.models.eat import EATModel, eat_loss
 from eatdist.models.package import PackageMeta, backbone_preprocess, build_model, save_package
+from eatdist.store import require_local
 from eatdist.train.batches import Batches
 from eatdist.train.checkpoint import CheckpointStore
 from eatdist.train.ema import WeightAverage
@@ -47,6 +48,7 @@ from eatdist.train.schedule import build_optimizer, build_scheduler, current_lr
 from eatdist.train.tracking import TENSORBOARD_DIR, log_images, start_trackers, tracker_names
 
 log = logging.getLogger(__name__)
+TRAIN_OUTPUT = "training writes checkpoints, logs and the model package to a local folder"
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -58,7 +60,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     """
     several = dist.world_size() > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
-    run_dir = Path(cfg.train.output_dir)
+    run_dir = require_local(cfg.train.output_dir, "train.output_dir", TRAIN_OUTPUT)
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TENSORBOARD_DIR))
     return Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -136,7 +138,7 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
         set_seed(cfg.train.seed)
-        self.run_dir = Path(cfg.train.output_dir)
+        self.run_dir = require_local(cfg.train.output_dir, "train.output_dir", TRAIN_OUTPUT)
         self.info: DatasetInfo = load_dataset_info(cfg.data.root)
         # Wrong split names fail now, not after an epoch of training.
         for split in (cfg.data.val_split, cfg.train.explain_split):
