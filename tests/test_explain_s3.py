@@ -5,6 +5,7 @@ user gives either written where it names or refused in one line.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import signal
@@ -148,18 +149,14 @@ def test_bucket_job_with_killed_claim_holders_explains_every_key_once(s3, packag
     assert not list((copy / "_claims").glob("*.claim-*")) and not list(copy.rglob("*.tmp"))
     assert json.loads((copy / "explain_summary.json").read_text())["explained"] == 384
 
-    status = subprocess.run([sys.executable, "-m", "eatdist", "explain", "--status", out], env=env, cwd=REPO,
-                            capture_output=True, text=True)  # fmt: skip
-    assert status.returncode == 0 and "done 12, claimed 0, failed 0, remaining 0" in status.stdout
-
-    # evaluate and report read the bucket and write beside it
-    ev = subprocess.run([sys.executable, "-m", "eatdist", "evaluate", "--explanations", out, "--data",
-                         str(corpus.root)], env=env, cwd=REPO, capture_output=True, text=True)  # fmt: skip
-    assert ev.returncode == 0, ev.stderr[-2000:]
+    # the CLI, in this process: --status, evaluate and report read the bucket and write beside it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdout", io.StringIO())
+        assert main(["explain", "--status", out]) == 0
+        assert "done 12, claimed 0, failed 0, remaining 0" in sys.stdout.getvalue()
+        assert main(["evaluate", "--explanations", out, "--data", str(corpus.root)]) == 0
+        assert main(["report", "--explanations", out, "--out", "s3://bucket/pages/expl.html"]) == 0
     assert json.loads(store.get("evaluation.json"))["samples"] == 384
-    report = [sys.executable, "-m", "eatdist", "report", "--explanations", out, "--out", "s3://bucket/pages/expl.html"]
-    page = subprocess.run(report, env=env, cwd=REPO, capture_output=True, text=True)
-    assert page.returncode == 0, page.stderr[-2000:]
     html = open_store("s3://bucket/pages").get("expl.html").decode()
     assert "384 images explained" in html and "Class accuracy" in html
 

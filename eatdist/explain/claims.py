@@ -12,8 +12,10 @@ in a bucket):
   its own exists.
 - **stale**: a claim is stale when its modification time is older than the lease, measured
   against the store's clock (the time of a probe object this process has just written, so
-  machines whose clocks disagree still agree on ages), or at once when its owner ran on this
-  machine (same kernel and pid namespace) and that process is gone.
+  machines whose clocks disagree still agree on ages), or — in a folder — at once when its owner
+  ran on this machine (same kernel and pid namespace) and that process is gone. In an object
+  store a scan reads ages from one listing and no owners (a GET per claim per scan would make
+  the scan cost grow with the number of processes), so there a claim expires by its lease alone.
 - **take over** a stale generation ``g``: create generation ``g + 1``. Two processes that saw the
   same stale claim cannot both win, as only one create of ``g + 1`` succeeds. The winner then checks
   that ``g`` is still exactly the file it judged stale (same mtime, same owner); if it was
@@ -140,6 +142,7 @@ class ClaimBoard:
         self.lease_s = lease_s
         self.owner = owner or Owner.me()
         self._probe = f"{CLAIMS}/.clock-{self.owner.token}"
+        self.reads_owners = isinstance(self.store, LocalStore)
         if isinstance(self.store, LocalStore):  # other tools (and people) find the folder from the start
             self.store.file(CLAIMS).mkdir(parents=True, exist_ok=True)
 
@@ -156,19 +159,33 @@ class ClaimBoard:
         """Return the store's current time (seconds), read from a probe object written just now."""
         return self.store.now(self._probe)
 
-    def scan(self) -> dict[str, ClaimState]:
-        """Return the current (highest-generation) claim of every claimed shard."""
-        latest: dict[str, int] = {}
-        for entry in self.store.list(CLAIMS):
+    def scan(self, owners: bool | None = None) -> dict[str, ClaimState]:
+        """Return the current (highest-generation) claim of every claimed shard.
+
+        Ages come from one listing. Owners are read (a GET per claim) with ``owners``, by default
+        only in a folder, where a claim of a dead process on this machine is stale at once; in an
+        object store a claim expires by its lease alone, so a scan costs one listing however
+        many processes hold claims (``owner`` is then ``{}``).
+        """
+        owners = self.reads_owners if owners is None else owners
+        latest: dict[str, tuple[int, int]] = {}
+        for entry, stamp in self.store.list_times(CLAIMS).items():
             name, sep, gen = entry.rpartition(_SEP)
-            if sep and gen.isdigit():
-                latest[name] = max(latest.get(name, -1), int(gen))
+            if sep and gen.isdigit() and int(gen) > latest.get(name, (-1, 0))[0]:
+                latest[name] = (int(gen), stamp)
         states = {}
-        for name, gen in latest.items():
-            state = self.read(name, gen)
+        for name, (gen, stamp) in latest.items():
+            state = self.read(name, gen) if owners else ClaimState(name, gen, self.key(name, gen), stamp, {})
             if state is not None:
                 states[name] = state
         return states
+
+    def _mtime_now(self, name: str, generation: int) -> int | None:
+        """Return the claim's modification time as a scan sees it (the same source, so comparable)."""
+        if self.reads_owners:
+            state = self.read(name, generation)
+            return None if state is None else state.mtime_ns
+        return self.store.list_times(CLAIMS).get(f"{name}{_SEP}{generation}")
 
     def read(self, name: str, generation: int) -> ClaimState | None:
         """Return the claim's state, or None when it no longer exists."""
@@ -210,11 +227,12 @@ class ClaimBoard:
             # Is the claim we replace still exactly the stale one we saw? A heartbeat since then
             # means its owner lives: withdraw. Deleting it tells that owner, should it wake, it lost.
             # A claim released since (gone) was live too.
-            again = self.read(name, seen.generation)
-            if again is None or again.mtime_ns != seen.mtime_ns or again.owner != seen.owner:
+            again = self.read(name, seen.generation) if seen.owner else None
+            stamp = again.mtime_ns if again is not None else self._mtime_now(name, seen.generation)
+            if stamp != seen.mtime_ns or (again is not None and again.owner != seen.owner):
                 self.store.delete(key)
                 return None
-            self.store.delete(again.key)
+            self.store.delete(seen.key)
         return Claim(self, name, generation, record)
 
     def close(self) -> None:

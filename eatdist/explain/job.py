@@ -149,12 +149,12 @@ class JobView:
     remaining: list[str]
 
 
-def view_job(out: str | Path | Store, inputs: list[str], board: ClaimBoard) -> JobView:
-    """Sort the inputs into done, claimed, failed (unreadable) and remaining."""
+def view_job(out: str | Path | Store, inputs: list[str], board: ClaimBoard, owners: bool | None = None) -> JobView:
+    """Sort the inputs into done, claimed, failed (unreadable) and remaining (``owners``: see ClaimBoard.scan)."""
     store = as_store(out)
     present = set(store.list(""))
     reports = set(store.list(REPORTS))
-    claims = board.scan()
+    claims = board.scan(owners)
     view = JobView([], [], [], [])
     for url in inputs:
         name = output_name(url)
@@ -188,7 +188,7 @@ def job_status(out: str | Path | Store) -> tuple[str, bool]:
     inputs, lease = job["inputs"], float(job.get("lease_s", 60.0))
     board = ClaimBoard(store, lease)
     try:
-        view, now = view_job(store, inputs, board), board.now()
+        view, now = view_job(store, inputs, board, owners=True), board.now()
     finally:
         board.close()
     counts = planned_counts(inputs)
@@ -347,7 +347,8 @@ def run_explain(
 
     ``cfg.engine`` chooses who schedules the shards: ``claims`` (this process cooperates with any
     others on the same output) or ``ray`` (this process drives a Ray cluster). Under a launcher
-    only rank 0 returns the summary (the others None); every process writes it.
+    only rank 0 writes and returns the summary (the others return None once the job is over):
+    the summary reads every shard's report, once per launch rather than once per process.
     Raises:
         DataError: when no input matches, ``output`` holds a job over other inputs or cannot be written;
         ConfigError: for an unknown engine; ModelPackageError: for a bad model package.
@@ -369,6 +370,8 @@ def run_explain(
         job.close()
     mine = sum(r.explained for r in job.mine)
     log.info("this process explained %d images from %d shards", mine, len(job.mine))
+    if dist.rank() != 0:
+        return None
     summary = summarise(store, inputs)
     summary["by_this_process"] = {"images": mine, "shards": len(job.mine)}  # printed, not written
-    return summary if dist.rank() == 0 else None
+    return summary

@@ -144,6 +144,7 @@ class RayDriver:
         self.starting: dict[Any, Any] = {}  # ready() ref → actor
         self.busy: dict[Any, tuple[Any, str]] = {}  # explain() ref → (actor, input)
         self.idle: list[Any] = []
+        self.failed_starts = 0  # actors that died starting, in a row
         # What this run explained; the reports themselves stay in the store (100k shards: no memory).
         self.images, self.shards = 0, 0
 
@@ -186,9 +187,13 @@ class RayDriver:
             cause = _cause(exc)
             if isinstance(cause, EatdistError):  # the same for every actor: the job's error
                 raise cause from None
+            self.failed_starts += 1
+            if self.failed_starts > 3 * self.target:  # not a lost node: the actors cannot start at all
+                raise DataError(f"Ray actors keep failing to start: {_first_line(exc)}") from None
             log.warning("a Ray actor failed to start (%s); asking for another", _first_line(exc))
             self._spawn()
             return
+        self.failed_starts = 0
         log.debug("actor %s ready", label)
         self.idle.append(actor)
 

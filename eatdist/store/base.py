@@ -61,6 +61,15 @@ class Store(ABC):
     def list(self, prefix: str = "") -> list[str]:
         """Return the names directly under the folder ``prefix`` (empty when there is none)."""
 
+    def list_times(self, prefix: str = "") -> dict[str, int]:
+        """Return the names directly under ``prefix`` with their modification times (ns, the store's clock)."""
+        times = {}
+        for name in self.list(prefix):
+            stamp = self.mtime_ns(f"{prefix}/{name}" if prefix else name)
+            if stamp is not None:
+                times[name] = stamp
+        return times
+
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove ``key``; one that is already gone is fine."""

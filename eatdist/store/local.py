@@ -74,6 +74,19 @@ class LocalStore(Store):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def list_times(self, prefix: str = "") -> dict[str, int]:
+        times = {}
+        try:
+            with os.scandir(self.file(prefix)) as entries:
+                for entry in entries:
+                    try:
+                        times[entry.name] = entry.stat().st_mtime_ns
+                    except FileNotFoundError:  # removed since the listing
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return times
+
     def delete(self, key: str) -> None:
         self.file(key).unlink(missing_ok=True)
 

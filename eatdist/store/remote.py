@@ -122,6 +122,26 @@ class FsspecStore(Store):
         entries = (str(p).rstrip("/") for p in found)
         return [e.rsplit("/", 1)[-1] for e in entries if e.strip("/") != path.strip("/")]
 
+    def list_times(self, prefix: str = "") -> dict[str, int]:
+        # One listing gives every object's Last-Modified: no request per object.
+        path = self._path(prefix.rstrip("/"))
+        self.fs.invalidate_cache(path)
+        try:
+            found = self._call("list", prefix, lambda: self.fs.ls(path, detail=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        times = {}
+        for entry in found:
+            name = str(entry["name"]).rstrip("/")
+            if entry.get("type") == "directory" or name.strip("/") == path.strip("/"):
+                continue
+            stamp = _entry_time(entry)
+            key = f"{prefix}/{name.rsplit('/', 1)[-1]}" if prefix else name.rsplit("/", 1)[-1]
+            stamp = stamp if stamp is not None else self.mtime_ns(key)
+            if stamp is not None:
+                times[name.rsplit("/", 1)[-1]] = stamp
+        return times
+
     def delete(self, key: str) -> None:
         try:
             self._call("delete", key, lambda: self.fs.rm_file(self._path(key)))
@@ -153,6 +173,24 @@ class FsspecStore(Store):
 
     def shard_writer(self, key: str) -> ShardSink:
         return SpooledShard(self, key)
+
+
+def _entry_time(entry: dict[str, Any]) -> int | None:
+    """Return the modification time (ns) in an fsspec listing entry, whatever the backend calls it."""
+    import datetime
+
+    for field in ("LastModified", "updated", "mtime", "modified", "created"):
+        value = entry.get(field)
+        if isinstance(value, datetime.datetime):
+            return int(value.timestamp() * 1e9)
+        if isinstance(value, int | float):
+            return int(value * 1e9)
+        if isinstance(value, str):
+            try:
+                return int(datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
+            except ValueError:
+                continue
+    return None
 
 
 def _why(exc: BaseException) -> str:
