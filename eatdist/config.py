@@ -185,8 +185,9 @@ class ExplainConfig:
     # Who schedules the shards: "claims" (processes claim shards in the output, the default) or
     # "ray" (this process drives a Ray cluster whose actors hold the model; pip install 'eatdist[ray]').
     engine: Literal["claims", "ray"] = "claims"
-    # Ray: the cluster to join ("" = RAY_ADDRESS, else a cluster started on this machine, else a
-    # new local one); actors (0 = as many as the cluster's resources fit); each actor's share.
+    # Ray: the cluster to join ("" = RAY_ADDRESS, else a new local one; "auto" = the one `ray start`
+    # began on this machine, "ray://host:10001" = through Ray Client); actors (0 = as many as the
+    # cluster's resources fit); each actor's share.
     ray_address: str = ""
     ray_actors: int = 0
     ray_cpus_per_actor: float = 0.0  # 0: one core plus one per loader worker

@@ -104,14 +104,16 @@ class ShardActor:
 
 
 def connect(cfg: ExplainConfig) -> Any:
-    """Join the Ray cluster ``explain.ray_address`` (else ``RAY_ADDRESS``, else one on this machine, else a new one).
+    """Join the Ray cluster ``explain.ray_address``, else ``RAY_ADDRESS``, else start a local one.
 
-    Returns the ``ray`` module. Raises:
+    ``auto`` joins the cluster ``ray start`` began on this machine. Without an address the driver
+    starts its own cluster rather than look for one: Ray's record of the last local cluster may
+    name one long gone, and joining that would hang. Returns the ``ray`` module. Raises:
         ConfigError: when Ray is not installed; DataError: when the cluster cannot be reached.
     """
     ray = _ray()
     if not ray.is_initialized():
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
         try:
             ray.init(address=address, configure_logging=False, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
