@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="an HTML page of explanation shards: overlays, texts, scores")
     p.add_argument("--explanations", required=True, metavar="OUT", help="output (folder or URL) of 'eatdist explain'")
-    p.add_argument("--out", metavar="FILE", help="page to write (default: DIR/report.html)")
+    p.add_argument("--out", metavar="FILE", help="page to write, a file or URL (default: OUT/report.html)")
     p.add_argument(
         "--samples", type=int, default=240, metavar="N", help="explained images shown (a sample of larger jobs)"
     )
