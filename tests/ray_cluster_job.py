@@ -69,8 +69,9 @@ def main() -> None:
     env = dict(os.environ)
     env.update(
         CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TQDM_DISABLE="1",
-        RAY_USAGE_STATS_ENABLED="0", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret",
-        AWS_DEFAULT_REGION="us-east-1",
+        # no token auth: a private test cluster, whatever ~/.ray/auth_token another Ray run left
+        RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret", AWS_DEFAULT_REGION="us-east-1",
         # a lost node is declared dead in about a second, not thirty
         RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="3",
         RAY_health_check_initial_delay_ms="0",
