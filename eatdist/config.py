@@ -187,6 +187,16 @@ class ExplainConfig:
     # On a GPU: bfloat16 autocast for the forward, channels_last memory layout.
     bf16: bool = False
     channels_last: bool = False
+    # Who schedules the shards: "claims" (processes claim shards in the output, the default) or
+    # "ray" (this process drives a Ray cluster whose actors hold the model; pip install 'eatdist[ray]').
+    engine: Literal["claims", "ray"] = "claims"
+    # Ray: the cluster to join ("" = RAY_ADDRESS, else a new local one; "auto" = the one `ray start`
+    # began on this machine, "ray://host:10001" = through Ray Client); actors (0 = as many as the
+    # cluster's resources fit); each actor's share.
+    ray_address: str = ""
+    ray_actors: int = 0
+    ray_cpus_per_actor: float = 0.0  # 0: one core plus one per loader worker
+    ray_gpus_per_actor: float = 1.0  # used where the cluster has GPUs; 0 runs CPU actors
 
 
 @dataclass

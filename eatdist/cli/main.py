@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from eatdist import dist
 from eatdist.cli.errors import EXIT_CODES, EXIT_INTERRUPTED, describe, print_error
 from eatdist.errors import EatdistError
+from eatdist.store import require_local
 
 if TYPE_CHECKING:
     from eatdist.data.convert import ConvertOptions
@@ -41,6 +42,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.synth.out
+    require_local(out, "--out" if args.out else "synth.out", "the corpus is written to a local folder")
     info = generate(cfg.synth, out, progress=dist.rank() == 0)
     counts = ", ".join(f"{split} {info.num_samples(split)}" for split in info.splits)
     print(f"synthetic corpus in {out}: {info.num_classes} classes, {info.num_attributes} attributes; {counts}")
@@ -75,6 +77,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from eatdist.config import load_config
     from eatdist.explain.job import job_status, run_explain
 
+    if args.engine is not None:
+        args.overrides.append(f"explain.engine={args.engine}")
     if args.status:
         text, complete = job_status(args.status)
         print(text)
@@ -111,7 +115,7 @@ def _convert_options(args: argparse.Namespace, test_fraction: float) -> ConvertO
     load_config(args.config, args.overrides)  # a converter's options are its own; a wrong key is still an error
 
     return ConvertOptions(
-        out=Path(args.out),
+        out=require_local(args.out, "--out", "the corpus is written to a local folder"),
         shard_size=args.shard_size,
         max_side=args.max_side,
         workers=args.workers or default_workers(),
@@ -186,7 +190,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:{width}s}  {value}")
-    print(f"(written to {Path(args.explanations) / EVALUATION_FILE})")
+    print(f"(written to {str(args.explanations).rstrip('/')}/{EVALUATION_FILE})")
     return 0
 
 
@@ -227,6 +231,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from eatdist.models.export import export_package
 
+    require_local(args.out, "--out", "the exporters write a local file or folder")
     out = export_package(args.model, args.format, args.out, opset=args.opset, repo=args.repo)
     if args.format == "hub":
         from eatdist.models.hub import repo_name
@@ -241,6 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from eatdist.cli.demo import run_demo
 
+    require_local(args.workdir, "--workdir", "the demo writes its corpus, run and explanations to a local folder")
     return run_demo(args.workdir, args.processes, args.config, args.overrides)
 
 
@@ -315,24 +321,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="model package: a folder (a run's model/) or hf-hub:org/name")
     p.add_argument("--input", help="input shards: a folder, a glob or a file")
-    p.add_argument("--output", help="folder for the explanation shards, shared by every process of the job")
+    p.add_argument(
+        "--output",
+        help="folder or URL (s3://, gs://, ...) for the explanation shards, shared by every process of the job",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("claims", "ray"),
+        help="who schedules the shards: claims (processes claim them in the output; the default) or ray "
+        "(this process drives a Ray cluster); sets explain.engine",
+    )
     p.add_argument(
         "--status",
-        metavar="DIR",
-        help="print the job in DIR: shards done, claimed (by whom, heartbeat age), remaining; exit 0 when complete",
+        metavar="OUT",
+        help="print the job in OUT (a folder or URL): shards done, claimed (by whom, heartbeat age), remaining; "
+        "exit 0 when complete",
     )
     _config_args(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("evaluate", help="score explanation shards against their corpus (accuracy, maps on objects)")
-    p.add_argument("--explanations", required=True, metavar="DIR", help="output folder of 'eatdist explain'")
+    p.add_argument("--explanations", required=True, metavar="OUT", help="output (folder or URL) of 'eatdist explain'")
     p.add_argument("--data", metavar="DIR", help="folder of the input shards, same names (default: data.root)")
     _config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="an HTML page of explanation shards: overlays, texts, scores")
-    p.add_argument("--explanations", required=True, metavar="DIR", help="output folder of 'eatdist explain'")
-    p.add_argument("--out", metavar="FILE", help="page to write (default: DIR/report.html)")
+    p.add_argument("--explanations", required=True, metavar="OUT", help="output (folder or URL) of 'eatdist explain'")
+    p.add_argument("--out", metavar="FILE", help="page to write, a file or URL (default: OUT/report.html)")
     p.add_argument(
         "--samples", type=int, default=240, metavar="N", help="explained images shown (a sample of larger jobs)"
     )

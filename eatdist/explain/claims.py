@@ -1,35 +1,44 @@
 """Claims on input shards, kept in the output folder: who explains what among processes that come and go.
 
-A claim is a small JSON file ``OUT/_claims/<shard name>.claim-<generation>`` naming its owner
-(host, pid, a unique token). Rules, all built on one atomic primitive — *create a file only if
-that name does not exist yet* (``link(2)`` of a finished temporary file, else ``O_EXCL``):
+A claim is a small JSON object ``OUT/_claims/<shard name>.claim-<generation>`` naming its owner
+(host, pid, a unique token), kept in the job's output store (:mod:`eatdist.store`: a folder or
+an object store URL). Rules, all built on one atomic primitive — *create an object only if that
+name does not exist yet* (``link(2)`` of a finished temporary file in a folder, a conditional PUT
+in a bucket):
 
 - **claim** a free shard: create generation 0. Of several processes trying, exactly one wins.
-- **heartbeat**: the owner's thread touches its file (mtime) every ``lease / 6`` seconds, after
-  checking that no generation above its own exists.
-- **stale**: a claim is stale when its mtime is older than the lease, measured against the file
-  server's clock (the mtime of a probe file this process has just touched, so machines whose
-  clocks disagree still agree on ages), or at once when its owner ran on this machine (same
-  kernel and pid namespace) and that process is gone.
+- **heartbeat**: the owner's thread refreshes its claim's modification time every ``lease / 6``
+  seconds (``utime`` of a file, a re-PUT of an object), after checking that no generation above
+  its own exists.
+- **stale**: a claim is stale when its modification time is older than the lease, measured
+  against the store's clock (the time of a probe object this process has just written, so
+  machines whose clocks disagree still agree on ages), or — in a folder — at once when its owner
+  ran on this machine (same kernel and pid namespace) and that process is gone. In an object
+  store a scan reads ages from one listing and no owners (a GET per claim per scan would make
+  the scan cost grow with the number of processes), so there a claim expires by its lease alone.
 - **take over** a stale generation ``g``: create generation ``g + 1``. Two processes that saw the
   same stale claim cannot both win, as only one create of ``g + 1`` succeeds. The winner then checks
   that ``g`` is still exactly the file it judged stale (same mtime, same owner); if it was
   refreshed in the meantime its owner is alive, and the winner withdraws ``g + 1``. Otherwise it
   deletes ``g``. An owner that finds ``g + 1`` (or its own file gone) knows it has lost the shard
   and stops without publishing anything.
-- **release**: the owner deletes its file — after renaming the finished output into place, so a
-  released claim always means the output exists or the shard failed.
+- **release**: the owner deletes its claim — after publishing the finished output, so a released
+  claim always means the output exists or the shard failed. An owner that lost its claim deletes
+  its own generation too (its successor has judged it already), so no claim outlives the job.
 
 Whoever wins a claim checks that the output does not exist yet before working. The remaining
 window — an owner stalled for a whole lease that wakes up between its last check and its rename —
-can make two processes write the same shard; both write complete, identical files under a
-temporary name and rename them, so the output stays correct either way.
+can make two processes write the same shard; both publish complete, identical shards whole,
+so the output stays correct either way.
 
 **Object storage.** The protocol needs only a conditional create, so it maps onto stores without
 rename: claim = ``PUT _claims/<name>.claim-<g>`` with ``If-None-Match: *`` (S3) or
-``ifGenerationMatch=0`` (GCS), failing with 412 when taken; heartbeat = re-``PUT`` with
-``If-Match: <etag>``; age = the store's ``Last-Modified`` against that of a probe object just
-written; outputs are single ``PUT``s, which appear whole, so no temporary name is needed.
+``ifGenerationMatch=0`` (GCS), failing with 412 when taken; heartbeat = a re-``PUT`` of the same
+bytes after checking that the object and no successor exist (a heartbeat racing a takeover may
+put back a generation its successor just removed: the owner then finds the successor, knows it
+lost and deletes its own again); age = the store's ``Last-Modified`` (one-second resolution, so a
+lease is at least a few seconds) against that of a probe object just written; outputs are single
+``PUT``s, which appear whole, so no temporary name is needed.
 """
 
 from __future__ import annotations
@@ -45,6 +54,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from eatdist.store import Store, open_store
+from eatdist.store.local import LocalStore
 
 CLAIMS = "_claims"
 _SEP = ".claim-"
@@ -113,7 +125,7 @@ class ClaimState:
 
     name: str
     generation: int
-    path: Path
+    key: str
     mtime_ns: int
     owner: dict[str, Any]
 
@@ -122,79 +134,77 @@ class ClaimState:
         return f"{self.owner.get('host', '?')}:{self.owner.get('pid', '?')}"
 
 
-def _create_exclusive(path: Path, data: bytes) -> bool:
-    """Create ``path`` holding ``data`` only if it does not exist; return whether this call did.
-
-    ``link(2)`` publishes a complete file atomically (and is atomic on NFS); where hard links are
-    not supported, ``O_EXCL`` creates it and readers treat a half-written claim as live.
-    """
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # no hard links here
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class ClaimBoard:
-    """The claims of one output folder, seen from one process."""
+    """The claims of one output store (a folder, a path or a store), seen from one process."""
 
-    def __init__(self, out_dir: Path, lease_s: float, owner: Owner | None = None) -> None:
-        self.dir = Path(out_dir) / CLAIMS
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, out: str | Path | Store, lease_s: float, owner: Owner | None = None) -> None:
+        self.store = out if isinstance(out, Store) else open_store(out)
         self.lease_s = lease_s
         self.owner = owner or Owner.me()
-        self._probe = self.dir / f".clock-{self.owner.token}"
+        self._probe = f"{CLAIMS}/.clock-{self.owner.token}"
+        self.reads_owners = isinstance(self.store, LocalStore)
+        if isinstance(self.store, LocalStore):  # other tools (and people) find the folder from the start
+            self.store.file(CLAIMS).mkdir(parents=True, exist_ok=True)
+
+    def key(self, name: str, generation: int) -> str:
+        return f"{CLAIMS}/{name}{_SEP}{generation}"
 
     def path(self, name: str, generation: int) -> Path:
-        return self.dir / f"{name}{_SEP}{generation}"
+        """Return the local file of a claim (a folder store only)."""
+        if not isinstance(self.store, LocalStore):
+            raise TypeError(f"claims in {self.store.root} are objects, not local files")
+        return self.store.file(self.key(name, generation))
 
     def now(self) -> float:
-        """Return the file server's current time (seconds), read from a file touched just now."""
-        self._probe.touch()
-        return self._probe.stat().st_mtime
+        """Return the store's current time (seconds), read from a probe object written just now."""
+        return self.store.now(self._probe)
 
-    def scan(self) -> dict[str, ClaimState]:
-        """Return the current (highest-generation) claim of every claimed shard."""
-        latest: dict[str, int] = {}
-        for entry in os.listdir(self.dir):
+    def scan(self, owners: bool | None = None) -> dict[str, ClaimState]:
+        """Return the current (highest-generation) claim of every claimed shard.
+
+        Ages come from one listing. Owners are read (a GET per claim) with ``owners``, by default
+        only in a folder, where a claim of a dead process on this machine is stale at once; in an
+        object store a claim expires by its lease alone, so a scan costs one listing however
+        many processes hold claims (``owner`` is then ``{}``).
+        """
+        owners = self.reads_owners if owners is None else owners
+        latest: dict[str, tuple[int, int]] = {}
+        for entry, stamp in self.store.list_times(CLAIMS).items():
             name, sep, gen = entry.rpartition(_SEP)
-            if sep and gen.isdigit():
-                latest[name] = max(latest.get(name, -1), int(gen))
+            if sep and gen.isdigit() and int(gen) > latest.get(name, (-1, 0))[0]:
+                latest[name] = (int(gen), stamp)
         states = {}
-        for name, gen in latest.items():
-            state = self.read(name, gen)
+        for name, (gen, stamp) in latest.items():
+            state = self.read(name, gen) if owners else ClaimState(name, gen, self.key(name, gen), stamp, {})
             if state is not None:
                 states[name] = state
         return states
 
+    def _mtime_now(self, name: str, generation: int) -> int | None:
+        """Return the claim's modification time as a scan sees it (the same source, so comparable)."""
+        if self.reads_owners:
+            state = self.read(name, generation)
+            return None if state is None else state.mtime_ns
+        return self.store.list_times(CLAIMS).get(f"{name}{_SEP}{generation}")
+
     def read(self, name: str, generation: int) -> ClaimState | None:
-        """Return the claim file's state, or None when it no longer exists."""
-        path = self.path(name, generation)
+        """Return the claim's state, or None when it no longer exists."""
+        key = self.key(name, generation)
+        mtime = self.store.mtime_ns(key)
         try:
-            mtime = path.stat().st_mtime_ns
-            data = path.read_bytes()
+            data = self.store.get(key)
         except FileNotFoundError:
+            return None
+        if mtime is None:
             return None
         try:
             owner = json.loads(data)["owner"]
         except (ValueError, KeyError, TypeError):  # being written (O_EXCL fallback): live until it ages
             owner = {}
-        return ClaimState(name, generation, path, mtime, owner)
+        return ClaimState(name, generation, key, mtime, owner)
 
     def age(self, state: ClaimState, now: float) -> float:
-        """Seconds since ``state``'s last heartbeat, on the file server's clock."""
+        """Seconds since ``state``'s last heartbeat, on the store's clock."""
         return max(0.0, now - state.mtime_ns / 1e9)
 
     def is_stale(self, state: ClaimState, now: float) -> bool:
@@ -209,34 +219,40 @@ class ClaimBoard:
     def try_claim(self, name: str, seen: ClaimState | None, input_url: str) -> Claim | None:
         """Claim ``name`` if free (``seen`` None) or take over the stale claim ``seen``; None if another won."""
         generation = 0 if seen is None else seen.generation + 1
-        path = self.path(name, generation)
-        record = {"owner": self.owner.to_json(), "input": input_url, "claimed_at": time.time()}
-        if not _create_exclusive(path, json.dumps(record).encode()):
+        key = self.key(name, generation)
+        record = json.dumps({"owner": self.owner.to_json(), "input": input_url, "claimed_at": time.time()}).encode()
+        if not self.store.create(key, record):
             return None
         if seen is not None:
             # Is the claim we replace still exactly the stale one we saw? A heartbeat since then
             # means its owner lives: withdraw. Deleting it tells that owner, should it wake, it lost.
             # A claim released since (gone) was live too.
-            again = self.read(name, seen.generation)
-            if again is None or again.mtime_ns != seen.mtime_ns or again.owner != seen.owner:
-                path.unlink(missing_ok=True)
+            again = self.read(name, seen.generation) if seen.owner else None
+            stamp = again.mtime_ns if again is not None else self._mtime_now(name, seen.generation)
+            if stamp != seen.mtime_ns or (again is not None and again.owner != seen.owner):
+                self.store.delete(key)
                 return None
-            again.path.unlink(missing_ok=True)
-        return Claim(self, name, generation)
+            self.store.delete(seen.key)
+        return Claim(self, name, generation, record)
 
     def close(self) -> None:
-        self._probe.unlink(missing_ok=True)
+        self.store.delete(self._probe)
 
 
 class Claim:
     """A claim this process holds; a thread keeps its heartbeat while it is open."""
 
-    def __init__(self, board: ClaimBoard, name: str, generation: int) -> None:
+    def __init__(self, board: ClaimBoard, name: str, generation: int, record: bytes = b"{}") -> None:
         self.board, self.name, self.generation = board, name, generation
-        self.path = board.path(name, generation)
+        self.key = board.key(name, generation)
+        self._record = record
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
+
+    @property
+    def path(self) -> Path:
+        return self.board.path(self.name, self.generation)
 
     def __enter__(self) -> Claim:
         self._thread.start()
@@ -250,30 +266,28 @@ class Claim:
     def _beat(self) -> None:
         interval = max(0.05, self.board.lease_s / 6)
         while not self._stop.wait(interval):
-            if not self.held():
-                self._lost.set()
-                return
             try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                self._lost.set()
-                return
+                if not self.held() or not self.board.store.touch(self.key, self._record):
+                    self._lost.set()
+                    return
+            except Exception:  # a store that fails for a while: the next beat tries again, the lease decides
+                continue
 
     @property
     def lost(self) -> bool:
-        """True once the heartbeat has found the claim taken over (cheap: no file access)."""
+        """True once the heartbeat has found the claim taken over (cheap: no store access)."""
         return self._lost.is_set()
 
     def held(self) -> bool:
         """Return True while no other process has taken this claim over."""
         if self._lost.is_set():
             return False
-        return self.path.exists() and not self.board.path(self.name, self.generation + 1).exists()
+        store = self.board.store
+        return store.exists(self.key) and not store.exists(self.board.key(self.name, self.generation + 1))
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the claim file (only if it is still ours)."""
+        """Stop the heartbeat and delete the claim (also when lost: its successor has judged it already)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        if self.held():
-            self.path.unlink(missing_ok=True)
+        self.board.store.delete(self.key)

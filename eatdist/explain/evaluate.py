@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from eatdist.atomic import write_json
 from eatdist.data.corpus import IMAGE_EXTENSIONS
+from eatdist.data.remote import is_remote, join, redact
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
+from eatdist.store import Store, open_store
 
 EVALUATION_FILE = "evaluation.json"
 ATTRIBUTE_FILE = "attribute_metrics.json"
@@ -75,10 +76,10 @@ class _Tally:
             hits.append(scores[1])
 
 
-def _truth(data_dir: Path, shard_name: str) -> dict[str, dict[str, Any]]:
-    path = data_dir / shard_name
-    if not path.is_file():
-        raise DataError(f"no input shard {path} for explanation shard {shard_name}")
+def _truth(data_dir: str, shard_name: str) -> dict[str, dict[str, Any]]:
+    path = join(data_dir, shard_name)
+    if not is_remote(path) and not Path(path).is_file():
+        raise DataError(f"no input shard {redact(path)} for explanation shard {shard_name}")
     truth = {}
     for sample in iter_shard(path):
         try:
@@ -96,7 +97,7 @@ def _mean(values: list[float] | list[bool]) -> float | None:
     return round(float(np.mean(values)), 5) if values else None
 
 
-def _attribute_names(data_dir: Path) -> list[str]:
+def _attribute_names(data_dir: str) -> list[str]:
     try:
         from eatdist.data.corpus import load_dataset_info
 
@@ -125,8 +126,10 @@ def _breakdown(t: _Tally, attribute_names: list[str]) -> dict[str, Any]:
     return {"per_class": per_class, "per_attribute": per_attribute, "confusion": confusion}
 
 
-def evaluate_explanations(explanations: str | Path, data: str | Path) -> dict[str, Any]:
+def evaluate_explanations(explanations: str | Path | Store, data: str | Path) -> dict[str, Any]:
     """Score every explanation shard in ``explanations`` against the same-named shard in ``data``.
+
+    Either may be a folder or a URL; the results are written beside the explanations.
 
     Returns the metrics (also written to ``explanations/evaluation.json``): accuracies, map scores,
     the all-zero maps counted (``zero_class_maps``, and ``zero_attribute_maps`` of
@@ -138,15 +141,16 @@ def evaluate_explanations(explanations: str | Path, data: str | Path) -> dict[st
         DataError: when there are no explanation shards or an input shard is missing;
         DiskError: naming the file, the size needed and the space free, on a full or read-only disk.
     """
-    out_dir, data_dir = Path(explanations), Path(data)
-    shards = sorted(out_dir.glob("*.tar"))
+    store = explanations if isinstance(explanations, Store) else open_store(explanations, "--explanations")
+    data_dir = str(data)
+    shards = sorted(n for n in store.list("") if n.endswith(".tar"))
     if not shards:
-        raise DataError(f"no explanation shards (*.tar) in {out_dir}")
+        raise DataError(f"no explanation shards (*.tar) in {store.root}")
     t = _Tally()
     attribute_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per image: probabilities, labels, mask
     for shard in shards:
-        truth = _truth(data_dir, shard.name)
-        for sample in iter_shard(shard):
+        truth = _truth(data_dir, shard)
+        for sample in iter_shard(store.url(shard)):
             record = truth.get(sample["__key__"])
             if record is None or "class" not in record or "heatmaps.npy" not in sample:
                 t.unmatched += 1
@@ -199,17 +203,17 @@ def evaluate_explanations(explanations: str | Path, data: str | Path) -> dict[st
         "zero_class_maps": t.zero_class_maps,
         "zero_attribute_maps": t.zero_attr_maps,
         "attribute_maps": t.attr_maps,
-        "breakdown": str(out_dir / BREAKDOWN_FILE),
+        "breakdown": store.url(BREAKDOWN_FILE),
     }
     # Per-class and per-attribute tables are long (CUB: 200 and 312 rows): a file of their own.
-    write_json(out_dir / BREAKDOWN_FILE, _breakdown(t, _attribute_names(data_dir)), "the per-class breakdown")
-    result.update(attribute_metrics(attribute_rows, data_dir, out_dir))
-    write_json(out_dir / EVALUATION_FILE, result, "the evaluation")
+    store.put_json(BREAKDOWN_FILE, _breakdown(t, _attribute_names(data_dir)))
+    result.update(attribute_metrics(attribute_rows, data_dir, store))
+    store.put_json(EVALUATION_FILE, result)
     return result
 
 
 def attribute_metrics(
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], data_dir: Path, out_dir: Path
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], data_dir: str | Path, out: str | Path | Store
 ) -> dict[str, Any]:
     """Write per-attribute and per-group accuracy, AP and AUC to ``out_dir/attribute_metrics.json``.
 
@@ -232,12 +236,13 @@ def attribute_metrics(
         names, groups = [f"attribute {a}" for a in range(width)], {}
     probs, truth, mask = (np.stack([r[i] for r in rows]) for i in range(3))
     table = attribute_table(probs, truth, mask, names, groups)
-    write_json(out_dir / ATTRIBUTE_FILE, table, "the attribute tables")
+    store = out if isinstance(out, Store) else open_store(out)
+    store.put_json(ATTRIBUTE_FILE, table)
     worst, best = ranked(table, 3)
     return {
         "attr_mean_ap": table["mean_ap"],
         "attr_mean_auc": table["mean_auc"],
         "worst_attributes": ", ".join(f"{r['name']} {r['accuracy']:.3f}" for r in worst),
         "best_attributes": ", ".join(f"{r['name']} {r['accuracy']:.3f}" for r in best),
-        "attribute_tables": str(out_dir / ATTRIBUTE_FILE),
+        "attribute_tables": store.url(ATTRIBUTE_FILE),
     }

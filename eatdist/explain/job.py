@@ -1,21 +1,23 @@
 """The explanation job: input shards in, one explanation shard per input shard out.
 
-Any number of processes — under a launcher or started by hand, on any machines that share the
-output folder, at any time — cooperate on one job. Each claims a whole input shard at a time in
-the output folder (:mod:`eatdist.explain.claims`), explains it through the pipeline (DataLoader
-workers decode, the device runs the model, a writer thread encodes and writes), publishes the
-output shard by renaming it into place and releases the claim. A process whose work is over
+The output is a folder or an object store URL (:mod:`eatdist.store`); every record of the job
+lives there. With the ``claims`` engine (this module), any number of processes — under a
+launcher or started by hand, on any machines that reach the output, at any time — cooperate on
+one job. Each claims a whole input shard at a time in the output (:mod:`eatdist.explain.claims`),
+explains it (:class:`eatdist.explain.work.ShardWork`: DataLoader workers decode, the device runs
+the model, a writer thread encodes and writes), publishes the output shard whole and releases
+the claim. The ``ray`` engine (:mod:`eatdist.explain.ray_engine`) schedules the same work on a
+Ray cluster instead. A process whose work is over
 waits while others hold live claims, so it can take over any whose owner stops; every process
 ends when each input has its output (or failed to be read during this run). Each then writes
-the same ``explain_summary.json``, atomically: whoever finishes last leaves it complete.
+the same ``explain_summary.json``, whole: whoever finishes last leaves it complete.
 
 The job's inputs are recorded in ``_job.json`` when it starts, so ``eatdist explain --status``
-needs only the output folder, and a process started with other inputs is refused.
+needs only the output, and a process started with other inputs is refused.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -25,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from eatdist import dist
@@ -35,14 +36,15 @@ from eatdist.data.inputs import resolve_shards
 from eatdist.errors import ConfigError, DataError
 from eatdist.explain.claims import Claim, ClaimBoard, ClaimState
 from eatdist.explain.explainer import Explainer
-from eatdist.explain.loader import ShardChunks, make_loader, shutdown
-from eatdist.explain.writer import REPORTS, ShardReport, ShardWriterThread, Timings, write_json_atomic
+from eatdist.explain.work import FAILED, ShardWork, output_name, record_failure
+from eatdist.explain.writer import REPORTS, ShardReport, Timings
 from eatdist.models.package import load_package
+from eatdist.store import Store, open_store
 
 log = logging.getLogger(__name__)
 SUMMARY = "explain_summary.json"
 JOB_FILE = "_job.json"
-FAILED = ".failed.json"
+ENGINES = ("claims", "ray")
 
 
 def resolve_inputs(pattern: str | list[str]) -> list[str]:
@@ -55,9 +57,9 @@ def resolve_inputs(pattern: str | list[str]) -> list[str]:
     return resolve_shards(pattern)
 
 
-def output_name(url: str) -> str:
-    """Return the output shard name of input ``url``: its last path component (paths and URLs alike)."""
-    return url.rstrip("/").rsplit("/", 1)[-1]
+def as_store(out: str | Path | Store) -> Store:
+    """Return the output store of ``out`` (a folder, a URL or a store already)."""
+    return out if isinstance(out, Store) else open_store(out)
 
 
 def planned_counts(inputs: list[str]) -> dict[str, int]:
@@ -74,57 +76,52 @@ def planned_counts(inputs: list[str]) -> dict[str, int]:
     return {p: counts[p] for p in inputs if p in counts}
 
 
-def start_job(out_dir: Path, inputs: list[str], lease_s: float) -> dict[str, Any]:
-    """Record the job's inputs in ``out_dir/_job.json`` (first process) or check them (the others).
+def start_job(out: str | Path | Store, inputs: list[str], lease_s: float) -> dict[str, Any]:
+    """Record the job's inputs in the output's ``_job.json`` (first process) or check them (the others).
 
     Raises:
-        DataError: when the folder holds a job over other inputs.
+        DataError: when the output holds a job over other inputs, or cannot be written.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / JOB_FILE
-    if not path.exists():
-        tmp = out_dir / f".{JOB_FILE}.{os.getpid()}.{random.getrandbits(32):08x}.tmp"
-        tmp.write_text(json.dumps({"inputs": inputs, "lease_s": lease_s, "created": time.time()}, indent=1))
-        try:
-            os.link(tmp, path)  # the first process to arrive records the job
-        except FileExistsError:
-            pass
-        except OSError:
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    job = read_job(out_dir)
+    store = as_store(out)
+    if not store.exists(JOB_FILE):
+        record = json.dumps({"inputs": inputs, "lease_s": lease_s, "created": time.time()}, indent=1)
+        store.create(JOB_FILE, record.encode())  # the first process to arrive records the job
+    job = read_job(store)
     theirs, mine = sorted(map(output_name, job["inputs"])), sorted(map(output_name, inputs))
     if theirs != mine:
         raise DataError(
-            f"{out_dir} holds a job over {len(theirs)} other input shards (see {JOB_FILE}); "
+            f"{store.root} holds a job over {len(theirs)} other input shards (see {JOB_FILE}); "
             "explain these inputs into another folder"
         )
     return job
 
 
-def read_job(out_dir: Path) -> dict[str, Any]:
-    """Return ``_job.json`` of ``out_dir``.
+def read_job(out: str | Path | Store) -> dict[str, Any]:
+    """Return the output's ``_job.json``.
 
     Raises:
         DataError: when there is none.
     """
+    store = as_store(out)
     try:
-        return json.loads((Path(out_dir) / JOB_FILE).read_text())
+        return json.loads(store.get(JOB_FILE))
     except (OSError, ValueError):
-        raise DataError(f"no explanation job in {out_dir} (no readable {JOB_FILE})") from None
+        raise DataError(f"no explanation job in {store.root} (no readable {JOB_FILE})") from None
 
 
-def summarise(out_dir: Path, inputs: list[str]) -> dict[str, Any]:
+def summarise(out: str | Path | Store, inputs: list[str]) -> dict[str, Any]:
     """Gather the per-shard reports of the job into one summary, write it and return it."""
+    store = as_store(out)
     explained, undecodable, missing, truncated, renamed = 0, [], [], [], []
+    present, listed = set(store.list("")), set(store.list(REPORTS))
+    wanted = [f"{REPORTS}/{output_name(p)}.json" for p in inputs if output_name(p) in present]
+    reports = store.get_many([k for k in wanted if k.rsplit("/", 1)[-1] in listed])
     for path in inputs:
         name = output_name(path)
-        report_file = out_dir / REPORTS / f"{name}.json"
-        if not (out_dir / name).is_file() or not report_file.is_file():
+        if f"{REPORTS}/{name}.json" not in reports:
             missing.append(path)
             continue
-        report = json.loads(report_file.read_text())
+        report = json.loads(reports[f"{REPORTS}/{name}.json"])
         explained += report["explained"]
         undecodable += [dict(u, shard=name) for u in report["undecodable"]]
         renamed += [dict(r, shard=name) for r in report.get("renamed", [])]
@@ -139,9 +136,9 @@ def summarise(out_dir: Path, inputs: list[str]) -> dict[str, Any]:
         "renamed": len(renamed),  # keys with a dot, explained under a safe key
         "renamed_samples": renamed,
         "incomplete_shards": missing,
-        "output": str(out_dir),
+        "output": store.root,
     }
-    write_json_atomic(out_dir / SUMMARY, summary)
+    store.put_json(SUMMARY, summary)
     return summary
 
 
@@ -151,15 +148,16 @@ class JobView:
 
     done: list[str]
     claimed: list[tuple[str, ClaimState]]
-    failed: list[tuple[str, str, float]]  # input, reason, when (file server's clock)
+    failed: list[tuple[str, str, float]]  # input, reason, when (the store's clock)
     remaining: list[str]
 
 
-def view_job(out_dir: Path, inputs: list[str], board: ClaimBoard) -> JobView:
-    """Sort the inputs into done, claimed, failed (unreadable) and remaining."""
-    present = set(os.listdir(out_dir))
-    reports = set(os.listdir(out_dir / REPORTS)) if (out_dir / REPORTS).is_dir() else set()
-    claims = board.scan()
+def view_job(out: str | Path | Store, inputs: list[str], board: ClaimBoard, owners: bool | None = None) -> JobView:
+    """Sort the inputs into done, claimed, failed (unreadable) and remaining (``owners``: see ClaimBoard.scan)."""
+    store = as_store(out)
+    present = set(store.list(""))
+    reports = set(store.list(REPORTS))
+    claims = board.scan(owners)
     view = JobView([], [], [], [])
     for url in inputs:
         name = output_name(url)
@@ -168,9 +166,13 @@ def view_job(out_dir: Path, inputs: list[str], board: ClaimBoard) -> JobView:
         elif name in claims:
             view.claimed.append((url, claims[name]))
         elif name + FAILED in reports:
-            path = out_dir / REPORTS / (name + FAILED)
+            key = f"{REPORTS}/{name}{FAILED}"
             try:
-                view.failed.append((url, json.loads(path.read_text())["reason"], path.stat().st_mtime))
+                when = store.mtime_ns(key)
+                reason = json.loads(store.get(key))["reason"]
+                if when is None:
+                    raise FileNotFoundError(key)
+                view.failed.append((url, reason, when / 1e9))
             except (OSError, ValueError, KeyError):  # replaced or removed meanwhile
                 view.remaining.append(url)
         else:
@@ -178,23 +180,23 @@ def view_job(out_dir: Path, inputs: list[str], board: ClaimBoard) -> JobView:
     return view
 
 
-def job_status(out_dir: str | Path) -> tuple[str, bool]:
-    """Return a readable status of the job in ``out_dir`` and whether it is complete.
+def job_status(out: str | Path | Store) -> tuple[str, bool]:
+    """Return a readable status of the job in the output ``out`` (a folder or URL) and whether it is complete.
 
     Raises:
-        DataError: when ``out_dir`` holds no job.
+        DataError: when ``out`` holds no job.
     """
-    out_dir = Path(out_dir)
-    job = read_job(out_dir)
+    store = as_store(out)
+    job = read_job(store)
     inputs, lease = job["inputs"], float(job.get("lease_s", 60.0))
-    board = ClaimBoard(out_dir, lease)
+    board = ClaimBoard(store, lease)
     try:
-        view, now = view_job(out_dir, inputs, board), board.now()
+        view, now = view_job(store, inputs, board, owners=True), board.now()
     finally:
         board.close()
     counts = planned_counts(inputs)
     lines = [
-        f"job in {out_dir}: {len(inputs)} input shards, lease {lease:g} s",
+        f"job in {store.root}: {len(inputs)} input shards, lease {lease:g} s",
         f"done {len(view.done)}, claimed {len(view.claimed)}, failed {len(view.failed)}, "
         f"remaining {len(view.remaining)}",
     ]
@@ -213,30 +215,25 @@ def job_status(out_dir: str | Path) -> tuple[str, bool]:
 
 
 class ExplainJob:
-    """One process's part in an explanation job; :meth:`run` returns when the job is over."""
+    """One process's part in an explanation job (the ``claims`` engine); :meth:`run` returns when the job is over."""
 
-    def __init__(self, explainer: Explainer, inputs: list[str], out_dir: Path, cfg: ExplainConfig) -> None:
+    def __init__(self, explainer: Explainer, inputs: list[str], out: str | Path | Store, cfg: ExplainConfig) -> None:
         for key, value in (("explain.lease_s", cfg.lease_s), ("explain.num_workers", cfg.num_workers + 1)):
             if value <= 0:
                 raise ConfigError(f"config key '{key}': must be positive, got {value}")
-        self.explainer, self.inputs, self.out_dir, self.cfg = explainer, inputs, out_dir, cfg
+        self.store = as_store(out)
+        self.explainer, self.inputs, self.cfg = explainer, inputs, cfg
         self.rank, world = dist.rank(), dist.world_size()
-        start_job(out_dir, inputs, cfg.lease_s)
+        start_job(self.store, inputs, cfg.lease_s)
         # Where this process starts looking: its rank's share under a launcher, anywhere otherwise,
         # so that processes starting together rarely contend for the same claim.
         offset = self.rank * len(inputs) // world if world > 1 else random.randrange(len(inputs))
         self.order = inputs[offset:] + inputs[:offset]
-        self.dataset = ShardChunks(explainer.transform, cfg.batch_size)
-        self.loader = make_loader(self.dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
-        # Start the workers before any thread exists (forking a threaded process is unsafe).
-        self.dataset.select("")
-        for _ in self.loader:
-            pass
-        self.board = ClaimBoard(out_dir, cfg.lease_s)
+        self.work = ShardWork(explainer, self.store, cfg, self.rank)
+        self.board = ClaimBoard(self.store, cfg.lease_s)
         self.started = self.board.now()
         self.counts = planned_counts(inputs)
-        self.writer = ShardWriterThread(explainer.meta, cfg.overlay_format, cfg.overlay_alpha, cfg.queue_batches)
-        self.timings: Timings = self.writer.timings
+        self.timings: Timings = self.work.timings
         self.mine: list[ShardReport] = []
         self.reading: dict[str, int] = {}  # samples read of this process's unpublished shards
         known = len(self.counts) == len(inputs)
@@ -254,7 +251,7 @@ class ExplainJob:
                 waiting = False
                 self._explain(*got)
                 continue
-            self.writer.drain()
+            self.work.drain()
             view = self._view()
             if not view.remaining and not view.claimed:
                 return
@@ -265,7 +262,7 @@ class ExplainJob:
             time.sleep(min(5.0, max(0.05, self.cfg.lease_s / 10)))
 
     def _view(self) -> JobView:
-        view = view_job(self.out_dir, self.inputs, self.board)
+        view = view_job(self.store, self.inputs, self.board)
         # A shard that could not be read is retried by processes started after it failed (reruns).
         retry = [url for url, _, when in view.failed if when < self.started]
         view.remaining += retry
@@ -289,7 +286,7 @@ class ExplainJob:
             claim = self.board.try_claim(output_name(url), seen, url)
             if claim is None:
                 continue
-            if (self.out_dir / output_name(url)).exists():  # published since the scan
+            if self.store.exists(output_name(url)):  # published since the scan
                 claim.release()
                 continue
             if seen is not None:
@@ -302,103 +299,82 @@ class ExplainJob:
         name = output_name(url)
         claim.__enter__()
         log.debug("claimed %s (generation %d)", name, claim.generation)
-        report = ShardReport(input=url, output=str(self.out_dir / name), rank=self.rank, owner=claim.board.owner.label)
-        for stale in self.out_dir.glob(f".{glob.escape(name)}.*.tmp"):  # left by a process that died on it
-            stale.unlink(missing_ok=True)
-        self.dataset.select(url)
         self.reading[name] = 0
-        opened = False
+
+        def progress(read: int) -> None:
+            self.bar.update(read - self.reading.get(name, 0))
+            self.reading[name] = read
+
         try:
-            for chunk in self.loader:
-                if chunk.error is not None and chunk.read == 0:
-                    self._failed(url, claim, chunk.error)
-                    return
-                if not opened:
-                    self.writer.open(report, self.out_dir / name)
-                    opened = True
-                for bad in chunk.bad:
-                    report.undecodable.append(bad)
-                    log.warning("cannot explain %s in %s: %s", bad["key"], name, bad["reason"])
-                self.timings.decode += chunk.decode_s
-                if chunk.pixels is not None:
-                    self._infer(chunk)
-                self.bar.update(chunk.read - self.reading[name])
-                self.reading[name] = chunk.read
-                if chunk.error is not None:
-                    report.truncated = {"read": chunk.read, "reason": chunk.error}
-                    log.warning("%s ends after %d samples; those are explained, the rest reported: %s",
-                                name, chunk.read, chunk.error)  # fmt: skip
-                    break
-                if claim.lost:
-                    break
-            if not opened:  # an empty shard still gets its (empty) output
-                self.writer.open(report, self.out_dir / name)
-            self.writer.close_shard(claim.held, lambda published: self._published(name, claim, published))
+            reason = self.work.explain(
+                url,
+                claim.board.owner.label,
+                lambda published: self._published(name, claim, published),
+                still_held=claim.held,
+                lost=lambda: claim.lost,
+                progress=progress,
+            )
+            if reason is not None:
+                self._failed(url, claim, reason)
         except BaseException:
             claim.release()
             raise
-
-    def _infer(self, chunk: Any) -> None:
-        explainer = self.explainer
-        mode = torch.inference_mode() if explainer.model.linear_heads else torch.no_grad()
-        started = time.perf_counter()
-        with mode:
-            batch, out = explainer.forward(chunk.pixels)
-            if explainer.on_gpu:
-                torch.cuda.synchronize(explainer.device)
-            forwarded = time.perf_counter()
-            result = explainer.results(batch, out)
-        self.timings.forward += forwarded - started
-        self.timings.maps += time.perf_counter() - forwarded
-        self.writer.write(chunk, result)
 
     def _published(self, name: str, claim: Claim, report: ShardReport | None) -> None:
         """Runs in the writer thread once the shard is published (``report``) or dropped (None)."""
         if report is not None:
             self.mine.append(report)
-            (self.out_dir / REPORTS / (name + FAILED)).unlink(missing_ok=True)
+            self.store.delete(f"{REPORTS}/{name}{FAILED}")
         self.reading.pop(name, None)
         claim.release()
 
     def _failed(self, url: str, claim: Claim, reason: str) -> None:
         log.error("rank %d: shard %s not explained: %s", self.rank, url, reason)
-        reports = self.out_dir / REPORTS
-        reports.mkdir(exist_ok=True)
-        record = {"input": url, "reason": reason, "owner": claim.board.owner.label}
-        write_json_atomic(reports / (output_name(url) + FAILED), record)
+        record_failure(self.store, url, reason, claim.board.owner.label)
         self.reading.pop(output_name(url), None)
         claim.release()
 
     def close(self) -> None:
         """Finish the queued writes, stop the workers and threads, drop this process's clock probe."""
         try:
-            self.writer.close()
+            self.work.close()
         finally:
             self.bar.close()
             self.board.close()
-            shutdown(self.loader)
 
 
 def run_explain(
     model_path: str | Path, pattern: str | list[str], output: str | Path, cfg: ExplainConfig
 ) -> dict[str, Any] | None:
-    """Take part in explaining ``pattern`` into ``output`` until the job is over; return its summary.
+    """Take part in explaining ``pattern`` into ``output`` (a folder or URL) until the job is over; return its summary.
 
-    Under a launcher only rank 0 returns the summary (the others None); every process writes it.
+    ``cfg.engine`` chooses who schedules the shards: ``claims`` (this process cooperates with any
+    others on the same output) or ``ray`` (this process drives a Ray cluster). Under a launcher
+    only rank 0 writes and returns the summary (the others return None once the job is over):
+    the summary reads every shard's report, once per launch rather than once per process.
     Raises:
-        DataError: when no input matches, or ``output`` holds a job over other inputs;
-        ModelPackageError: for a bad model package.
+        DataError: when no input matches, ``output`` holds a job over other inputs or cannot be written;
+        ConfigError: for an unknown engine; ModelPackageError: for a bad model package.
     """
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"config key 'explain.engine': one of {', '.join(ENGINES)}, got '{cfg.engine}'")
+    store = open_store(output)
     inputs = resolve_inputs(pattern)
+    if cfg.engine == "ray":
+        from eatdist.explain.ray_engine import run_ray
+
+        return run_ray(model_path, inputs, output, cfg)
     device = dist.device()
     model, meta = load_package(model_path, device)
-    job = ExplainJob(Explainer(model, meta, cfg, device), inputs, Path(output), cfg)
+    job = ExplainJob(Explainer(model, meta, cfg, device), inputs, store, cfg)
     try:
         job.run()
     finally:
         job.close()
     mine = sum(r.explained for r in job.mine)
     log.info("this process explained %d images from %d shards", mine, len(job.mine))
-    summary = summarise(Path(output), inputs)
+    if dist.rank() != 0:
+        return None
+    summary = summarise(store, inputs)
     summary["by_this_process"] = {"images": mine, "shards": len(job.mine)}  # printed, not written
-    return summary if dist.rank() == 0 else None
+    return summary

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from eatdist.atomic import write_text
+from eatdist.data.remote import is_remote
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
 from eatdist.explain.evaluate import BREAKDOWN_FILE, EVALUATION_FILE
 from eatdist.explain.job import SUMMARY
+from eatdist.store import Store, open_store
 
 REPORT_FILE = "report.html"
 
@@ -251,18 +253,23 @@ def _confusion(metrics: dict[str, Any], names: dict[int, str]) -> str:
             f"<div><h3>Classes</h3><table class='t'>{legend}</table></div></div>")  # fmt: skip
 
 
-def write_report(explanations: str | Path, out: str | Path | None = None, samples: int = 240) -> Path:
-    """Write the HTML page of the job in ``explanations`` (see the module docstring); return its path.
+def write_report(explanations: str | Path | Store, out: str | Path | None = None, samples: int = 240) -> Path | str:
+    """Write the HTML page of the job in ``explanations`` (see the module docstring); return its path or URL.
 
-    At most ``samples`` cards: mistakes first, then the least confident predictions. Images are
-    embedded, so the page can be mailed or archived alone. Raises:
-        DataError: when ``explanations`` holds no explanation shards;
+    ``explanations`` and ``out`` may be folders or URLs (``out`` defaults to ``report.html`` beside
+    the explanations). At most ``samples`` cards: mistakes first, then the least confident
+    predictions. Images are embedded, so the page can be mailed or archived alone. Raises:
+        DataError: when ``explanations`` holds no explanation shards, or ``out`` cannot be written;
         DiskError: naming the page, the size needed and the space free, on a full or read-only disk.
     """
-    folder = Path(explanations)
-    shards = sorted(folder.glob("*.tar"))
+    store = explanations if isinstance(explanations, Store) else open_store(explanations, "--explanations")
+    target: Store | None = None
+    if out is not None and is_remote(str(out)):  # a URL that cannot be written fails before any reading
+        parent, _, page_name = str(out).rstrip("/").rpartition("/")
+        target = open_store(parent, "--out", str(out))
+    shards = [store.url(n) for n in sorted(store.list("")) if n.endswith(".tar")]
     if not shards:
-        raise DataError(f"no explanation shards (*.tar) in {folder}")
+        raise DataError(f"no explanation shards (*.tar) in {store.root}")
     entries: list[_Entry] = []
     names: dict[int, str] = {}
     model_id, check = "", {}
@@ -285,9 +292,10 @@ def write_report(explanations: str | Path, out: str | Path | None = None, sample
                 cards[i] = _card(sample, names)
     metrics: dict[str, Any] = {}
     for name in (SUMMARY, EVALUATION_FILE, BREAKDOWN_FILE):
-        path = folder / name
-        if path.is_file():
-            metrics.update(json.loads(path.read_text()))
+        try:
+            metrics.update(json.loads(store.get(name)))
+        except FileNotFoundError:
+            continue
     wrong = sum(e.wrong for e in entries)
     known = sum(e.truth is not None for e in entries)
     shown_wrong = sum(e.wrong for e in chosen)
@@ -308,11 +316,11 @@ def write_report(explanations: str | Path, out: str | Path | None = None, sample
         "<option value='wrong'>mistakes only</option><option value='right'>right only</option></select> "
         "<span id='f-count'></span></div>"
     )
-    title = f"eatdist report: {folder.name}"
+    title = f"eatdist report: {store.root.rstrip('/').rsplit('/', 1)[-1]}"
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>"
-        f"<h1>Explanations in {html.escape(str(folder))}</h1>"
+        f"<h1>Explanations in {html.escape(store.root)}</h1>"
         f"<p>Model <code>{html.escape(model_id)}</code>; {len(entries)} images explained"
         + (f", {wrong} of {known} with a known class predicted wrong" if known else "")
         + f".</p>{warning}<h2>Summary</h2>{_metrics_table(metrics)}"
@@ -323,6 +331,10 @@ def write_report(explanations: str | Path, out: str | Path | None = None, sample
         "'evidence' is the part of the class score along the attribute (see the README).</p>"
         f"{controls}<div class='grid'>{''.join(cards)}</div></body></html>"
     )
-    target = Path(out) if out is not None else folder / REPORT_FILE
-    write_text(target, page, "the report page")
-    return target
+    if out is None:
+        store.put(REPORT_FILE, page.encode("utf-8"))
+        return store.url(REPORT_FILE) if is_remote(store.url(REPORT_FILE)) else Path(store.url(REPORT_FILE))
+    if target is not None:
+        target.put(page_name, page.encode("utf-8"))
+        return target.url(page_name)
+    return write_text(out, page, "the report page")

@@ -2,8 +2,9 @@
 
 The main thread hands over each batch's host arrays and goes on to the next batch; this thread
 builds every image's json, text, ``heatmaps.npy``, the image itself, its class overlay and its
-attribute-map strip, writes the tar under a temporary name and, at the end of a shard, writes
-its report and renames it into place — if the claim is still held. The queue holds at most
+attribute-map strip, writes the tar through the job's output store and, at the end of a shard,
+writes its report and publishes the shard whole (a rename in a folder, one upload to a bucket) —
+if the claim is still held. The queue holds at most
 ``queue_batches`` batches, so memory stays flat whatever the speed of either side.
 """
 
@@ -17,18 +18,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from eatdist.atomic import write_json
-from eatdist.data.shards import AtomicShardWriter
+from eatdist.data.remote import name_of
 from eatdist.explain.explainer import BatchResult
 from eatdist.explain.loader import Chunk
 from eatdist.explain.overlay import attribute_strip, encode, overlay
 from eatdist.models.package import PackageMeta
+from eatdist.store.base import ShardSink, Store
 
 log = logging.getLogger(__name__)
 REPORTS = "_reports"
@@ -65,15 +65,6 @@ class ClaimLost(Exception):
     """Another process took this shard over; nothing of it is published."""
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON under a temporary name, then rename it to ``path``.
-
-    Raises:
-        DiskError: naming ``path``, the size needed and the space free, on a full or read-only disk.
-    """
-    write_json(path, data, f"the explanation record {path.name}")
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -83,7 +74,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 @dataclass
 class _Open:
     report: ShardReport
-    path: Path
+    key: str  # the shard's key in the output store
 
 
 @dataclass
@@ -95,8 +86,10 @@ class _Close:
 class ShardWriterThread:
     """One thread writing the explanation shards of this process, in order."""
 
-    def __init__(self, meta: PackageMeta, overlay_format: str, overlay_alpha: float, queue_batches: int) -> None:
-        self.meta, self.fmt, self.alpha = meta, overlay_format, overlay_alpha
+    def __init__(
+        self, meta: PackageMeta, overlay_format: str, overlay_alpha: float, queue_batches: int, store: Store
+    ) -> None:
+        self.meta, self.fmt, self.alpha, self.store = meta, overlay_format, overlay_alpha, store
         self.timings = Timings()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_batches))
         self._error: BaseException | None = None
@@ -116,9 +109,9 @@ class ShardWriterThread:
         if self._error is not None:
             raise self._error
 
-    def open(self, report: ShardReport, path: Path) -> None:
-        """Start the shard ``path`` (written under a temporary name)."""
-        self._put(_Open(report, path))
+    def open(self, report: ShardReport, key: str) -> None:
+        """Start the shard ``key`` of the output store (published whole when it closes)."""
+        self._put(_Open(report, key))
 
     def write(self, chunk: Chunk, result: BatchResult) -> None:
         """Queue one batch (blocks while the queue is full)."""
@@ -142,7 +135,7 @@ class ShardWriterThread:
         self._raise_if_failed()
 
     def _run(self) -> None:
-        writer: AtomicShardWriter | None = None
+        writer: ShardSink | None = None
         report: ShardReport | None = None
         try:
             while True:
@@ -151,7 +144,7 @@ class ShardWriterThread:
                     if item is StopIteration:
                         return
                     if isinstance(item, _Open):
-                        report, writer = item.report, AtomicShardWriter(item.path)
+                        report, writer = item.report, self.store.shard_writer(item.key)
                     elif isinstance(item, _Close):
                         assert writer is not None and report is not None
                         item.done(self._publish(writer, report, item.still_held))
@@ -177,9 +170,9 @@ class ShardWriterThread:
                 except queue.Empty:
                     break
 
-    def _encode(self, writer: AtomicShardWriter, report: ShardReport, chunk: Chunk, result: BatchResult) -> None:
+    def _encode(self, writer: ShardSink, report: ShardReport, chunk: Chunk, result: BatchResult) -> None:
         started = time.perf_counter()
-        name = Path(report.output).name
+        name = name_of(report.output)
         samples = []
         for b, key in enumerate(chunk.keys):
             record = dict(result.record(b, self.meta), source_shard=name)
@@ -211,17 +204,13 @@ class ShardWriterThread:
         self.timings.encode += encoded - started
         self.timings.write += time.perf_counter() - encoded
 
-    def _publish(
-        self, writer: AtomicShardWriter, report: ShardReport, still_held: Callable[[], bool]
-    ) -> ShardReport | None:
+    def _publish(self, writer: ShardSink, report: ShardReport, still_held: Callable[[], bool]) -> ShardReport | None:
         started = time.perf_counter()
         try:
             if not still_held():
                 raise ClaimLost(report.input)
-            # The report lands before the shard's rename: a finished shard always has its report.
-            reports = Path(report.output).parent / REPORTS
-            reports.mkdir(exist_ok=True)
-            write_json_atomic(reports / f"{Path(report.output).name}.json", asdict(report))
+            # The report lands before the shard: a finished shard always has its report.
+            self.store.put_json(f"{REPORTS}/{name_of(report.output)}.json", asdict(report))
             writer.__exit__(None, None, None)
         except ClaimLost:
             writer.__exit__(ClaimLost, None, None)

@@ -35,6 +35,7 @@ from eatdist.errors import ConfigError
 from eatdist.metrics.attributes import summary_line
 from eatdist.models.eat import EATModel, eat_loss
 from eatdist.models.package import PackageMeta, backbone_preprocess, build_model, save_package, weights_source
+from eatdist.store import require_local
 from eatdist.train.batches import Batches
 from eatdist.train.checkpoint import CheckpointStore
 from eatdist.train.ema import WeightAverage
@@ -55,6 +56,7 @@ from eatdist.train.tracking import TENSORBOARD_DIR, log_images, start_trackers, 
 log = logging.getLogger(__name__)
 # The epoch's running sums: loss, steps, skipped samples, then skipped samples per cause (SKIP_CAUSES).
 SUMS = 3 + len(SKIP_CAUSES)
+TRAIN_OUTPUT = "training writes checkpoints, logs and the model package to a local folder"
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -74,7 +76,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # (ACCELERATE_USE_CPU, which torchrun, srun and the deepspeed launcher do not set): else each
     # process trains alone. DeepSpeed finds the CPU itself, and the CPU flag would turn it off.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    run_dir = Path(cfg.train.output_dir)
+    run_dir = require_local(cfg.train.output_dir, "train.output_dir", TRAIN_OUTPUT)
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TENSORBOARD_DIR))
     acc = Accelerator(
         cpu=cpu_world and not deepspeed,
@@ -143,7 +145,7 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
         set_seed(cfg.train.seed)
-        self.run_dir = Path(cfg.train.output_dir)
+        self.run_dir = require_local(cfg.train.output_dir, "train.output_dir", TRAIN_OUTPUT)
         self.info: DatasetInfo = load_dataset_info(cfg.data.root)
         # Wrong split names fail now, not after an epoch of training.
         for split in (cfg.data.val_split, cfg.train.explain_split):

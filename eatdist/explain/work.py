@@ -1,0 +1,126 @@
+"""Explaining one whole input shard into its output shard: the work every engine schedules.
+
+:class:`ShardWork` holds what one process needs for it — DataLoader workers that read and
+decode, the model on its device, a writer thread that encodes and publishes through the output
+store — and explains one shard per :meth:`ShardWork.explain` call. The ``claims`` engine
+(:mod:`eatdist.explain.job`) calls it for each shard it claims, a Ray actor
+(:mod:`eatdist.explain.ray_engine`) for each shard the driver hands it; both publish the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from eatdist.config import ExplainConfig
+from eatdist.data.remote import name_of
+from eatdist.explain.explainer import Explainer
+from eatdist.explain.loader import ShardChunks, make_loader, shutdown
+from eatdist.explain.writer import REPORTS, ShardReport, ShardWriterThread, Timings
+from eatdist.store import Store
+
+log = logging.getLogger(__name__)
+FAILED = ".failed.json"
+
+
+def output_name(url: str) -> str:
+    """Return the output shard name of input ``url``: its last path component (paths and URLs alike)."""
+    return name_of(url)
+
+
+def record_failure(store: Store, url: str, reason: str, owner: str) -> None:
+    """Record in the store that input ``url`` could not be read (a later run retries it)."""
+    store.put_json(f"{REPORTS}/{output_name(url)}{FAILED}", {"input": url, "reason": reason, "owner": owner})
+
+
+class ShardWork:
+    """One process's means to explain whole shards; close it when done."""
+
+    def __init__(self, explainer: Explainer, store: Store, cfg: ExplainConfig, rank: int = 0) -> None:
+        self.explainer, self.store, self.cfg, self.rank = explainer, store, cfg, rank
+        self.dataset = ShardChunks(explainer.transform, cfg.batch_size)
+        self.loader = make_loader(self.dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
+        # Start the workers before any thread exists (forking a threaded process is unsafe).
+        self.dataset.select("")
+        for _ in self.loader:
+            pass
+        self.writer = ShardWriterThread(
+            explainer.meta, cfg.overlay_format, cfg.overlay_alpha, cfg.queue_batches, store=store
+        )
+        self.timings: Timings = self.writer.timings
+
+    def explain(
+        self,
+        url: str,
+        owner: str,
+        done: Callable[[ShardReport | None], None],
+        still_held: Callable[[], bool] = lambda: True,
+        lost: Callable[[], bool] = lambda: False,
+        progress: Callable[[int], None] = lambda read: None,
+    ) -> str | None:
+        """Explain input shard ``url`` and queue its publishing; return None, or why it could not be read.
+
+        The writer thread publishes the output shard if ``still_held()`` when it is complete, then
+        calls ``done(report)`` (``done(None)`` when dropped); reading stops early once ``lost()``.
+        ``progress(n)`` hears the samples read so far. A shard that cannot be opened at all writes
+        nothing and returns the reason; one that ends early keeps what it read (``report.truncated``).
+        Raises the writer thread's error (a full disk, a store that refuses writes).
+        """
+        name = output_name(url)
+        report = ShardReport(input=url, output=self.store.url(name), rank=self.rank, owner=owner)
+        self.store.clean_partial(name)  # left by a process that died on it
+        self.dataset.select(url)
+        opened = False
+        for chunk in self.loader:
+            if chunk.error is not None and chunk.read == 0:
+                return chunk.error
+            if not opened:
+                self.writer.open(report, name)
+                opened = True
+            for bad in chunk.bad:
+                report.undecodable.append(bad)
+                log.warning("cannot explain %s in %s: %s", bad["key"], name, bad["reason"])
+            self.timings.decode += chunk.decode_s
+            if chunk.pixels is not None:
+                self._infer(chunk)
+            progress(chunk.read)
+            if chunk.error is not None:
+                report.truncated = {"read": chunk.read, "reason": chunk.error}
+                log.warning("%s ends after %d samples; those are explained, the rest reported: %s",
+                            name, chunk.read, chunk.error)  # fmt: skip
+                break
+            if lost():
+                break
+        if not opened:  # an empty shard still gets its (empty) output
+            self.writer.open(report, name)
+        self.writer.close_shard(still_held, done)
+        return None
+
+    def _infer(self, chunk: Any) -> None:
+        explainer = self.explainer
+        mode = torch.inference_mode() if explainer.model.linear_heads else torch.no_grad()
+        started = time.perf_counter()
+        with mode:
+            batch, out = explainer.forward(chunk.pixels)
+            if explainer.on_gpu:
+                torch.cuda.synchronize(explainer.device)
+            forwarded = time.perf_counter()
+            result = explainer.results(batch, out)
+        self.timings.forward += forwarded - started
+        self.timings.maps += time.perf_counter() - forwarded
+        self.writer.write(chunk, result)
+
+    def drain(self) -> None:
+        """Wait until every queued shard is written and published; re-raise the writer's error."""
+        self.writer.drain()
+
+    def close(self) -> None:
+        """Finish the queued writes, stop the writer thread and the loader workers."""
+        try:
+            self.writer.close()
+        finally:
+            shutdown(self.loader)

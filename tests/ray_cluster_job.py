@@ -1,0 +1,182 @@
+"""Run inside a private PID and network namespace by tests/test_explain_ray.py: a local Ray cluster
+(a head and two worker nodes on 127.0.0.1), moto's S3 server, and ``eatdist explain --engine ray
+--output s3://bucket/expl`` twice: the first run loses an actor mid-shard and then its driver,
+the rerun loses a worker node. Writes what it saw to a JSON file; the
+test asserts on it and on the output shards. Every process ends with the namespace.
+
+usage: python ray_cluster_job.py SPEC.json   (SPEC: package, corpus, work, result, ray_temp)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def processes() -> dict[int, str]:
+    """pid → command line of every process in this namespace."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+    return found
+
+
+def raylets() -> set[int]:
+    return {pid for pid, cmd in processes().items() if "/raylet " in cmd or cmd.startswith("raylet")}
+
+
+def explaining_actors() -> list[int]:
+    """Actors running a shard now (Ray names the process after the method it runs)."""
+    return [pid for pid, cmd in processes().items() if cmd.startswith("ray::ShardActor.explain")]
+
+
+def actors() -> list[int]:
+    return [pid for pid, cmd in processes().items() if cmd.startswith("ray::ShardActor")]
+
+
+def wait_until(check, timeout: float, step: float = 0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(step)
+    return None
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    env = dict(os.environ)
+    env.update(
+        CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TQDM_DISABLE="1",
+        # no token auth: a private test cluster, whatever ~/.ray/auth_token another Ray run left
+        RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret", AWS_DEFAULT_REGION="us-east-1",
+        # a lost node is declared dead in about a second, not thirty
+        RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="3",
+        RAY_health_check_initial_delay_ms="0",
+    )  # fmt: skip
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    from moto.server import ThreadedMotoServer
+
+    s3_port = free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    s3.start()
+    env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{s3_port}"
+    os.environ.update(env)
+    import boto3
+    import fsspec
+
+    boto3.client("s3").create_bucket(Bucket="bucket")
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    temp = spec["ray_temp"]  # short: Ray's socket paths have a length limit
+    node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run([RAY, "start", "--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard=false",
+                    *node], env=env, check=True, capture_output=True)  # fmt: skip
+    before = raylets()
+    subprocess.run([RAY, "start", "--address", address, *node], env=env, check=True, capture_output=True)
+    first_worker = raylets() - before
+    subprocess.run([RAY, "start", "--address", address, *node], env=env, check=True, capture_output=True)
+    env["RAY_ADDRESS"] = address
+    result: dict = {"nodes_started": 3}
+
+    def explain(output: str, log: Path) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "eatdist", "explain", "--engine", "ray", "--model", spec["package"], "--input",
+               spec["corpus"], "--output", output, "explain.batch_size=4", "explain.num_workers=0"]  # fmt: skip
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+
+    def finish(proc: subprocess.Popen, log: Path) -> dict:
+        out, _ = proc.communicate(timeout=300)
+        return {"rc": proc.returncode, "stdout": out, "stderr": log.read_text()[-6000:]}
+
+    fs = fsspec.filesystem("s3")
+
+    def published(prefix: str) -> dict[str, str]:
+        """Output shards under s3://bucket/PREFIX → their Last-Modified."""
+        fs.invalidate_cache()
+        found = fs.ls(f"bucket/{prefix}", detail=True) if fs.exists(f"bucket/{prefix}") else []
+        return {e["name"].rsplit("/", 1)[-1]: str(e["LastModified"]) for e in found if e["name"].endswith(".tar")}
+
+    def copy_bucket(prefix: str, into: Path) -> None:
+        fs.invalidate_cache()
+        for key in fs.find(f"bucket/{prefix}"):
+            target = into / key[len(f"bucket/{prefix}/") :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(fs.cat_file(key))
+
+    work = Path(spec["work"])
+    rng = random.Random()
+
+    # First run: an actor SIGKILLed while it explains a shard, later the driver SIGKILLed.
+    clock = time.monotonic()
+    log = work / "first.log"
+    proc = explain("s3://bucket/expl", log)
+    victim = wait_until(explaining_actors, 240)
+    if victim:
+        time.sleep(rng.uniform(0.0, 0.2))
+        os.kill(victim[0], signal.SIGKILL)
+    requeued = wait_until(lambda: "goes back to the queue" in log.read_text(), 120) is not None
+    wait_until(lambda: len(published("expl")) >= 3, 240)
+    proc.kill()
+    proc.wait()
+    gone = wait_until(lambda: not actors(), 60, 0.2) is not None  # the driver's actors die with it
+    done = published("expl")
+    result["first"] = {"victim": bool(victim), "requeued": requeued, "stderr": log.read_text()[-6000:],
+                       "done_at_kill": done, "actors_gone": gone, "seconds": time.monotonic() - clock}  # fmt: skip
+
+    # The same command again; a worker node lost while its actors explain (its raylet killed, and
+    # the processes it started with it).
+    clock = time.monotonic()
+    log = work / "rerun.log"
+    proc = explain("s3://bucket/expl", log)
+    busy = wait_until(lambda: len(explaining_actors()) >= 2, 240) is not None
+    [raylet] = first_worker
+    children = [p for p in processes() if _parent(p) == raylet]
+    for pid in (raylet, *children):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    result["rerun"] = finish(proc, log) | {"busy_before": busy, "killed_processes": 1 + len(children),
+                                           "seconds": time.monotonic() - clock}  # fmt: skip
+    result["after"] = published("expl")
+    status = subprocess.run([sys.executable, "-m", "eatdist", "explain", "--status", "s3://bucket/expl"],
+                            env=env, capture_output=True, text=True)  # fmt: skip
+    result["status"] = {"rc": status.returncode, "stdout": status.stdout}
+    copy_bucket("expl", work / "copy")
+
+    Path(spec["result"]).write_text(json.dumps(result))
+    s3.stop()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+if __name__ == "__main__":
+    main()
