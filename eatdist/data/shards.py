@@ -215,8 +215,9 @@ class AtomicShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
         self._file = open(self.tmp_path, "wb")
-        # mtime fixed so the same samples give byte-identical shards.
-        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0.0, user="eatdist", group="eatdist")
+        # mtime fixed so the same samples give byte-identical shards; an int, since a float mtime
+        # gives every member a PAX header (1 KiB more and twice the time per member).
+        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0, user="eatdist", group="eatdist")
         self._offsets: list[int] = []
         self.count = 0
 

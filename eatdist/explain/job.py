@@ -34,6 +34,7 @@ from eatdist.data.corpus import DATASET_FILE
 from eatdist.data.inputs import resolve_shards
 from eatdist.errors import ConfigError, DataError
 from eatdist.explain.claims import Claim, ClaimBoard, ClaimState
+from eatdist.explain.encode import Outputs
 from eatdist.explain.explainer import Explainer
 from eatdist.explain.loader import ShardChunks, make_loader, shutdown
 from eatdist.explain.writer import REPORTS, ShardReport, ShardWriterThread, Timings, write_json_atomic
@@ -218,21 +219,23 @@ class ExplainJob:
                 raise ConfigError(f"config key '{key}': must be positive, got {value}")
         self.explainer, self.inputs, self.out_dir, self.cfg = explainer, inputs, out_dir, cfg
         self.rank, world = dist.rank(), dist.world_size()
+        images = bool(Outputs.from_config(cfg).images)  # a bad explain.outputs fails before any work
         start_job(out_dir, inputs, cfg.lease_s)
         # Where this process starts looking: its rank's share under a launcher, anywhere otherwise,
         # so that processes starting together rarely contend for the same claim.
         offset = self.rank * len(inputs) // world if world > 1 else random.randrange(len(inputs))
         self.order = inputs[offset:] + inputs[:offset]
-        self.dataset = ShardChunks(explainer.transform, cfg.batch_size)
+        # The decoded images travel to this process only when image parts are drawn from them.
+        self.dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=images)
         self.loader = make_loader(self.dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
         # Start the workers before any thread exists (forking a threaded process is unsafe).
         self.dataset.select("")
         for _ in self.loader:
             pass
+        self.writer = ShardWriterThread(explainer.meta, cfg, explainer.device)  # forks its encoders: no thread yet
         self.board = ClaimBoard(out_dir, cfg.lease_s)
         self.started = self.board.now()
         self.counts = planned_counts(inputs)
-        self.writer = ShardWriterThread(explainer.meta, cfg.overlay_format, cfg.overlay_alpha, cfg.queue_batches)
         self.timings: Timings = self.writer.timings
         self.mine: list[ShardReport] = []
         self.reading: dict[str, int] = {}  # samples read of this process's unpublished shards
