@@ -151,3 +151,21 @@ def test_device_jpegs_decode_within_a_few_levels_of_the_pil_jpegs():
             assert a.shape == b.shape and np.abs(a - b).mean() < 1.5 and np.percentile(np.abs(a - b), 99) <= 8, name
     with pytest.raises(ValueError, match="JPEG only"):
         render.render_batch([_chw(images[0])], torch.from_numpy(maps[0][None]), [1], ["overlay.png"])
+
+
+def test_tar_members_from_encoding_processes_equal_the_shard_writers_layout(tmp_path):
+    from eatdist.data.shards import AtomicShardWriter
+    from eatdist.explain.encode import tar_members
+
+    parts = [{"__key__": f"d/k_{i}", "json": b"{}" * (i + 1), "txt": "é".encode() * i, "heatmaps.npy": bytes(700 + i)}
+             for i in range(5)]  # fmt: skip
+    with AtomicShardWriter(tmp_path / "a.tar") as writer:
+        for sample in parts:
+            writer.write(dict(sample))
+    with AtomicShardWriter(tmp_path / "b.tar") as writer:
+        writer.write_members(*tar_members([dict(s) for s in parts[:2]], "b.tar"))
+        writer.write_members(*tar_members([dict(s) for s in parts[2:]], "b.tar"))
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    assert (tmp_path / "a.tar.idx.json").read_bytes() == (tmp_path / "b.tar.idx.json").read_bytes()
+    with pytest.raises(DataError, match="contains a dot"):
+        tar_members([{"__key__": "a.b", "json": b"{}"}], "b.tar")

@@ -233,6 +233,16 @@ class AtomicShardWriter:
         self._writer.write(sample)
         self.count += 1
 
+    def write_members(self, members: bytes, offsets: list[int]) -> None:
+        """Add samples already laid out as tar members (as :meth:`write` lays them out, e.g. by
+        :func:`eatdist.explain.encode.tar_members` in another process); ``offsets``: where each
+        sample starts in ``members``."""
+        stream = self._writer.tarstream
+        self._offsets += [stream.offset + o for o in offsets]
+        stream.fileobj.write(members)
+        stream.offset += len(members)  # tarfile pads the archive from its offset when it closes
+        self.count += len(offsets)
+
     def __enter__(self) -> AtomicShardWriter:
         return self
 

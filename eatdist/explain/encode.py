@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
+import tarfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from eatdist.config import ExplainConfig
+from eatdist.data.shards import check_key
 from eatdist.errors import ConfigError
 from eatdist.explain.explainer import BatchResult
 from eatdist.explain.overlay import attribute_strip, encode, overlay
@@ -122,6 +124,47 @@ def encode_batch(task: EncodeTask, meta: PackageMeta, outputs: Outputs) -> list[
     return samples
 
 
+def tar_members(samples: list[dict[str, Any]], where: str) -> tuple[bytes, list[int]]:
+    """Return ``samples`` as tar members, laid out byte for byte as the shard writer's
+    ``webdataset.TarWriter`` lays them out (parts sorted by name, mode 0444, mtime 0, owner
+    eatdist), and where each sample starts; built here so that encoding processes do it.
+
+    Raises:
+        DataError: for a key WebDataset would read back split (a dot), naming ``where``.
+    """
+    out, offsets = bytearray(), []
+    for sample in samples:
+        key = str(sample["__key__"])
+        check_key(key, where)
+        offsets.append(len(out))
+        for ext in sorted(sample):
+            if ext == "__key__":
+                continue
+            data = sample[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "eatdist", "eatdist"
+            out += info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            out += data
+            out += bytes(-len(data) % tarfile.BLOCKSIZE)
+    return bytes(out), offsets
+
+
+@dataclass
+class Encoded:
+    """A batch's output samples as tar members (:func:`tar_members`), and the CPU seconds they took."""
+
+    members: bytes
+    offsets: list[int]
+    cpu_s: float
+
+
+def encode_members(task: EncodeTask, meta: PackageMeta, outputs: Outputs) -> Encoded:
+    """Return the samples of ``task`` (:func:`encode_batch`) as tar members; see :func:`tar_members`."""
+    started = time.thread_time()
+    members, offsets = tar_members(encode_batch(task, meta, outputs), task.source_shard)
+    return Encoded(members, offsets, time.thread_time() - started)
+
+
 _WORKER: tuple[PackageMeta, Outputs] | None = None
 
 
@@ -130,11 +173,9 @@ def _init_worker(meta: PackageMeta, outputs: Outputs) -> None:
     _WORKER = (meta, outputs)
 
 
-def _encode_in_worker(task: EncodeTask) -> tuple[list[dict[str, Any]], float]:
+def _encode_in_worker(task: EncodeTask) -> Encoded:
     assert _WORKER is not None
-    started = time.process_time()
-    samples = encode_batch(task, *_WORKER)
-    return samples, time.process_time() - started
+    return encode_members(task, *_WORKER)
 
 
 def _ready() -> None:
@@ -155,8 +196,8 @@ class EncoderPool:
         # The first submit forks every worker at once, before any other thread exists.
         self._pool.submit(_ready).result()
 
-    def submit(self, task: EncodeTask) -> Future[tuple[list[dict[str, Any]], float]]:
-        """Start encoding ``task``; the future gives (samples, CPU seconds the worker spent)."""
+    def submit(self, task: EncodeTask) -> Future[Encoded]:
+        """Start encoding ``task``; the future gives its tar members (:func:`encode_members`)."""
         return self._pool.submit(_encode_in_worker, task)
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ import torch
 from eatdist.config import ExplainConfig
 from eatdist.data.shards import AtomicShardWriter
 from eatdist.errors import ConfigError
-from eatdist.explain.encode import EncoderPool, EncodeTask, Outputs, encode_batch, npy_bytes
+from eatdist.explain.encode import Encoded, EncoderPool, EncodeTask, Outputs, encode_members, npy_bytes
 from eatdist.explain.explainer import BatchResult
 from eatdist.explain.loader import Chunk
 from eatdist.explain.render import render_batch
@@ -120,7 +120,7 @@ class ShardWriterThread:
         self.timings = Timings()
         self.pool = EncoderPool(workers, meta, self.outputs) if workers > 0 else None
         # Batches handed to the processes and not yet written: each process holds one, plus one queued.
-        self._pending: deque[Future[tuple[list[dict[str, Any]], float]]] = deque()
+        self._pending: deque[Future[Encoded]] = deque()
         self._in_flight = 2 * workers
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, cfg.queue_batches))
         self._error: BaseException | None = None
@@ -223,10 +223,7 @@ class ShardWriterThread:
         elif self.outputs.images:
             task.images = chunk.images
         if self.pool is None:
-            started = time.thread_time()
-            samples = encode_batch(task, self.meta, self.outputs)
-            self.timings.encode += time.thread_time() - started
-            self._write(writer, report, samples)
+            self._write(writer, report, encode_members(task, self.meta, self.outputs))
             return
         self._pending.append(self.pool.submit(task))
         self._write_done(writer, report, block=len(self._pending) > self._in_flight)
@@ -242,17 +239,15 @@ class ShardWriterThread:
         """Write the batches back from the processes, oldest first: all of them when ``block``, else
         those done (and always the oldest while more are out than the processes can hold)."""
         while self._pending and (block or self._pending[0].done() or len(self._pending) > self._in_flight):
-            future = self._pending.popleft()
-            samples, cpu = future.result()
-            self.timings.encode += cpu
+            encoded = self._pending.popleft().result()
             assert writer is not None and report is not None
-            self._write(writer, report, samples)
+            self._write(writer, report, encoded)
 
-    def _write(self, writer: AtomicShardWriter, report: ShardReport, samples: list[dict[str, Any]]) -> None:
+    def _write(self, writer: AtomicShardWriter, report: ShardReport, encoded: Encoded) -> None:
         started = time.perf_counter()
-        for sample in samples:
-            writer.write(sample)
-        report.explained += len(samples)
+        writer.write_members(encoded.members, encoded.offsets)
+        report.explained += len(encoded.offsets)
+        self.timings.encode += encoded.cpu_s
         self.timings.write += time.perf_counter() - started
 
     def _publish(
