@@ -169,3 +169,28 @@ def test_tar_members_from_encoding_processes_equal_the_shard_writers_layout(tmp_
     assert (tmp_path / "a.tar.idx.json").read_bytes() == (tmp_path / "b.tar.idx.json").read_bytes()
     with pytest.raises(DataError, match="contains a dot"):
         tar_members([{"__key__": "a.b", "json": b"{}"}], "b.tar")
+
+
+def test_a_killed_encoding_process_fails_the_job_with_one_line_and_publishes_nothing(tmp_path, package):
+    import os
+    import signal
+
+    from eatdist.errors import EatdistError
+    from eatdist.explain.explainer import Explainer
+    from eatdist.explain.job import ExplainJob
+    from eatdist.models.package import load_package
+
+    corpus = write_corpus(tmp_path / "c", {"test": [48]})
+    model, meta = load_package(package)
+    cfg = ExplainConfig(batch_size=4, num_workers=0, encode_workers=1, outputs=EVERY_PART)
+    job = ExplainJob(Explainer(model, meta, cfg, torch.device("cpu")), [str(corpus.root / "test-000000.tar")],
+                     tmp_path / "out", cfg)  # fmt: skip
+    (pid,) = job.writer.pool._pool._processes  # the one encoding process, forked when the job was made
+    os.kill(pid, signal.SIGKILL)
+    try:
+        with pytest.raises(EatdistError, match="an encoding process of explain died"):
+            job.run()
+    finally:
+        with pytest.raises(EatdistError):  # close re-raises the writer's error
+            job.close()
+    assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").glob(".*.tmp"))

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 
 from eatdist.config import ExplainConfig
 from eatdist.data.shards import AtomicShardWriter
-from eatdist.errors import ConfigError
+from eatdist.errors import ConfigError, EatdistError
 from eatdist.explain.encode import Encoded, EncoderPool, EncodeTask, Outputs, encode_members, npy_bytes
 from eatdist.explain.explainer import BatchResult
 from eatdist.explain.loader import Chunk
@@ -38,6 +39,10 @@ from eatdist.models.package import PackageMeta
 
 log = logging.getLogger(__name__)
 REPORTS = "_reports"
+POOL_DIED = (
+    "an encoding process of explain died (killed, or out of memory?); nothing of the shard is published: "
+    "rerun (with fewer explain.encode_workers or a smaller explain.batch_size if memory ran out)"
+)
 
 
 @dataclass
@@ -225,7 +230,10 @@ class ShardWriterThread:
         if self.pool is None:
             self._write(writer, report, encode_members(task, self.meta, self.outputs))
             return
-        self._pending.append(self.pool.submit(task))
+        try:
+            self._pending.append(self.pool.submit(task))
+        except BrokenProcessPool:
+            raise EatdistError(POOL_DIED) from None
         self._write_done(writer, report, block=len(self._pending) > self._in_flight)
 
     def _render(self, chunk: Chunk, result: BatchResult) -> list[dict[str, bytes]]:
@@ -239,7 +247,10 @@ class ShardWriterThread:
         """Write the batches back from the processes, oldest first: all of them when ``block``, else
         those done (and always the oldest while more are out than the processes can hold)."""
         while self._pending and (block or self._pending[0].done() or len(self._pending) > self._in_flight):
-            encoded = self._pending.popleft().result()
+            try:
+                encoded = self._pending.popleft().result()
+            except BrokenProcessPool:
+                raise EatdistError(POOL_DIED) from None
             assert writer is not None and report is not None
             self._write(writer, report, encoded)
 
