@@ -1,25 +1,36 @@
 """What explanation costs beyond plain inference, measured in one run against that baseline.
 
-For each (backbone, image size): a synthetic corpus and an untrained model package, then rounds
-that alternate between
+For each (backbone, image size, input size): a synthetic corpus and an untrained model package,
+then rounds that alternate (forward and reverse order) between
   plain     read, decode, transform (in the same DataLoader workers) and forward, nothing kept
-  explain   the explanation job: the same, plus top-k, maps, json/text/npy/overlay, tar writing
-on the same shards, batch size and workers. Prints medians over the rounds: images/s (wall) and
-CPU ms per image (this process and its workers), their ratios, explain's time split, and the
-main process's peak memory early in a run against the end of it (flat when equal).
-Not a test: timings depend on the machine.
+  explain   the explanation job: the same, plus top-k, maps and the parts of one output row
+            (default: json, txt, heatmaps.npy; +overlay, +attr_maps, +image; all), tar writing
+on the same shards, batch size and workers (the encoding processes: as many as the workers).
+Prints medians over the rounds: images/s (wall) and CPU ms per image (this process and all its
+children: loader workers and encoding processes), their ratios, explain's time split and the
+main process's peak memory early in a run against the end of it (flat when equal). On a machine
+shared with other work, wall time swings: the CPU ratio is the steadier figure.
 
-    python benchmarks/bench_explain.py [--cases test_resnet:64:512,resnet18:224:192,resnet50:224:96]
-        [--workers 0,2] [--batch 32] [--rounds 3] [--bf16] [--channels-last]
+``--command N`` instead times whole commands, the way a user runs them: ``eatdist explain`` on N
+images at 64 px against a plain-inference command over the same shards, CPU of each whole
+process tree. Not a test: timings depend on the machine.
+
+    python benchmarks/bench_explain.py [--cases test_resnet:64:512,resnet18:224:192,resnet18:224:96:448]
+        [--workers 0,2] [--rows default,+overlay,+attr_maps,+image,all] [--batch 32] [--rounds 3]
+        [--bf16] [--channels-last] [--render-device auto|cpu] [--threads N]
+    python benchmarks/bench_explain.py --command 6000 [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -100,7 +111,8 @@ def rss_mb() -> float:
 
 
 def plain(explainer: Explainer, inputs: list[str], cfg: ExplainConfig) -> int:
-    dataset = ShardChunks(explainer.transform, cfg.batch_size)
+    """Plain inference: the job's loader (no decoded images kept), the forward, nothing written."""
+    dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=False)
     loader = make_loader(dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
     count = 0
     with torch.inference_mode():
@@ -129,68 +141,113 @@ def explain(explainer: Explainer, inputs: list[str], cfg: ExplainConfig, out: Pa
     try:
         job.run()
     finally:
-        job.close()
+        job.close()  # stops the loader workers and the encoding processes: their CPU time is counted
         stop.set()
         sampler.join()
     return asdict(job.timings)
 
 
-def bench_case(backbone: str, size: int, images: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
-    info = write_corpus(tmp / f"corpus-{size}-{images}", images, size)
+DEFAULT = ["json", "txt", "heatmaps.npy"]
+ROWS = {
+    "default": DEFAULT,
+    "+overlay": [*DEFAULT, "overlay"],
+    "+attr_maps": [*DEFAULT, "attr_maps"],
+    "+image": [*DEFAULT, "image"],
+    "all": [*DEFAULT, "overlay", "attr_maps", "image"],
+}
+
+
+def bench_case(backbone: str, size: int, images: int, source: int, args: argparse.Namespace, tmp: Path) -> None:
+    info = write_corpus(tmp / f"corpus-{source}-{images}", images, source)
     inputs = resolve_inputs(str(info.root))
     package = make_package(tmp, backbone, size, info)
     model, meta = load_package(package, dist.device())
-    rows = []
+    case = f"{backbone} {size}px" + (f" from {source}px" if source != size else "")
     for workers in args.workers:
-        cfg = ExplainConfig(
-            batch_size=args.batch, num_workers=workers, bf16=args.bf16, channels_last=args.channels_last
-        )
-        explainer = Explainer(model, meta, cfg, dist.device())
-        plain(explainer, inputs[:1], cfg)  # warm-up
-        runs: dict[str, list[tuple[float, float]]] = {"plain": [], "explain": []}
-        splits, rss_early, rss_late = [], [], []
+        base = dict(batch_size=args.batch, num_workers=workers, bf16=args.bf16, channels_last=args.channels_last,
+                    render_device=args.render_device)  # fmt: skip
+        configs = {"plain": ExplainConfig(**base)} | {
+            row: ExplainConfig(**base, outputs=ROWS[row]) for row in args.rows
+        }
+        explainer = Explainer(model, meta, configs["plain"], dist.device())
+        plain(explainer, inputs[:1], configs["plain"])  # warm-up
+        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
+        splits: dict[str, list[dict]] = {k: [] for k in args.rows}
+        rss_early, rss_late = [], []
         for r in range(args.rounds):
-            for kind in ("plain", "explain") if r % 2 == 0 else ("explain", "plain"):
+            for kind in list(configs) if r % 2 == 0 else list(configs)[::-1]:
                 wall, cpu = time.perf_counter(), cpu_seconds()
                 if kind == "plain":
-                    plain(explainer, inputs, cfg)
+                    plain(explainer, inputs, configs[kind])
                 else:
                     rss: list[float] = []
-                    splits.append(explain(explainer, inputs, cfg, tmp / "out", rss))
+                    splits[kind].append(explain(explainer, inputs, configs[kind], tmp / "out", rss))
                     if len(rss) >= 4:
                         rss_early.append(max(rss[: len(rss) // 4]))
                         rss_late.append(max(rss))
                 runs[kind].append((time.perf_counter() - wall, cpu_seconds() - cpu))
         med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
-        split = {k: statistics.median(s[k] for s in splits) / images * 1e3 for k in splits[0]}
-        rows.append(
-            {
-                "case": f"{backbone} {size}px",
-                "workers": workers,
-                "images": images,
-                "plain_ips": images / med["plain"][0],
-                "explain_ips": images / med["explain"][0],
-                "plain_cpu_ms": med["plain"][1] / images * 1e3,
-                "explain_cpu_ms": med["explain"][1] / images * 1e3,
-                "split_ms": split,
-                "rss_early": max(rss_early, default=0.0),
-                "rss_late": max(rss_late, default=0.0),
-            }
+        print(f"{case:<26} w={workers} n={images:<4} plain   {images / med['plain'][0]:7.1f} img/s "
+              f"{med['plain'][1] / images * 1e3:7.2f} CPU ms/img", flush=True)  # fmt: skip
+        for row in args.rows:
+            split = {k: statistics.median(s[k] for s in splits[row]) / images * 1e3 for k in splits[row][0]}
+            print_row(case, workers, row, images, med["plain"], med[row], split)
+        early, late = max(rss_early, default=0), max(rss_late, default=0)
+        peak = f", peak device memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if explainer.on_gpu else ""
+        print(f"{'':<26} RSS MB (main process) early {early:.0f} end {late:.0f}{peak}", flush=True)
+        if explainer.on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+
+
+def print_row(case: str, workers: int, row: str, images: int, plain: tuple, run: tuple, split: dict) -> None:
+    shown = " ".join(f"{k} {v:.2f}" for k, v in split.items() if v)
+    print(f"{case:<26} w={workers} n={images:<4} {row:<11} {images / run[0]:7.1f} img/s {run[1] / images * 1e3:7.2f} "
+          f"CPU ms/img | throughput x{plain[0] / run[0]:.3f}  CPU x{run[1] / plain[1]:.3f} | split ms/img: {shown}",
+          flush=True)  # fmt: skip
+
+
+def plain_command(package: str, corpus: str, workers: int, batch: int) -> None:
+    """The plain-inference command of ``--command``: read, decode, resize and forward every input, keep nothing."""
+    model, meta = load_package(package, dist.device())
+    cfg = ExplainConfig(batch_size=batch, num_workers=workers)
+    count = plain(Explainer(model, meta, cfg, dist.device()), resolve_inputs(corpus), cfg)
+    print(f"plain inference: {count} images")
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench_command(images: int, args: argparse.Namespace, tmp: Path) -> None:
+    """``eatdist explain`` (its defaults) against the plain-inference command, each a whole process tree."""
+    info = write_corpus(tmp / "corpus-command", images, 64)
+    package = make_package(tmp, "test_resnet", 64, info)
+    cfg = ExplainConfig()
+    commands = {
+        "plain": [sys.executable, __file__, "--plain", str(package), str(info.root), str(cfg.num_workers),
+                  str(cfg.batch_size)],
+        "explain": [sys.executable, "-m", "eatdist", "explain", "--model", str(package), "--input", str(info.root),
+                    "--output", str(tmp / "out-command")],
+    }  # fmt: skip
+    env = dict(os.environ, TQDM_DISABLE="1")
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
+    for r in range(args.rounds):
+        for kind in list(commands) if r % 2 == 0 else list(commands)[::-1]:
+            shutil.rmtree(tmp / "out-command", ignore_errors=True)
+            wall, cpu = time.perf_counter(), children_cpu()
+            subprocess.run(commands[kind], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            runs[kind].append((time.perf_counter() - wall, children_cpu() - cpu))
+    for kind, values in runs.items():
+        rounds = ", ".join(f"{c:.1f}" for _, c in values)
+        print(
+            f"{kind:<8} {images} images at 64 px: wall {statistics.median(w for w, _ in values):.1f} s, "
+            f"CPU {statistics.median(c for _, c in values):.1f} s (rounds: {rounds})"
         )
-        print_row(rows[-1])
-    return rows
-
-
-def print_row(row: dict) -> None:
-    tput = row["explain_ips"] / row["plain_ips"]
-    cpu = row["explain_cpu_ms"] / row["plain_cpu_ms"]
-    split = " ".join(f"{k} {v:.2f}" for k, v in row["split_ms"].items())
+    ratios = [e[1] / p[1] for p, e in zip(runs["plain"], runs["explain"], strict=True)]
     print(
-        f"{row['case']:<18} w={row['workers']} n={row['images']:<4} | plain {row['plain_ips']:7.1f} img/s "
-        f"{row['plain_cpu_ms']:7.2f} CPU ms/img | explain {row['explain_ips']:7.1f} img/s "
-        f"{row['explain_cpu_ms']:7.2f} CPU ms/img | throughput x{tput:.3f}  CPU x{cpu:.3f} | "
-        f"split ms/img: {split} | RSS MB early {row['rss_early']:.0f} end {row['rss_late']:.0f}",
-        flush=True,
+        f"eatdist explain / plain inference, CPU of the process tree: x{statistics.median(ratios):.3f} "
+        f"(rounds: {', '.join(f'{x:.3f}' for x in ratios)})"
     )
 
 
@@ -198,23 +255,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--cases",
-        default="test_resnet:64:512,resnet18:224:192,resnet50:224:96",
-        help="backbone:size:images, comma-separated",
+        default="test_resnet:64:512,resnet18:224:192,resnet18:224:96:448",
+        help="backbone:size:images[:input size], comma-separated",
     )
     parser.add_argument("--workers", default="0,2", help="DataLoader workers to compare at, comma-separated")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"output rows, comma-separated: {', '.join(ROWS)}")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--render-device", default="auto", choices=["auto", "cpu"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    parser.add_argument("--command", type=int, default=0, help="time whole commands on this many 64 px images")
+    parser.add_argument("--plain", nargs=4, metavar=("PACKAGE", "CORPUS", "WORKERS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plain:
+        plain_command(args.plain[0], args.plain[1], int(args.plain[2]), int(args.plain[3]))
+        return
     args.workers = [int(w) for w in args.workers.split(",")]
+    args.rows = args.rows.split(",")
+    if args.threads:
+        # Cores shared with other work make OpenMP threads spin: fewer threads, steadier CPU figures.
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the commands of --command too
     torch.manual_seed(0)
     print(f"device {dist.device()}, torch threads {torch.get_num_threads()}, batch {args.batch}, rounds {args.rounds}")
     tmp = Path(tempfile.mkdtemp(prefix="bench_explain-"))
     try:
+        if args.command:
+            bench_command(args.command, args, tmp)
+            return
         for case in args.cases.split(","):
-            backbone, size, images = case.split(":")
-            bench_case(backbone, int(size), int(images), args, tmp)
+            backbone, size, images, *source = case.split(":")
+            bench_case(backbone, int(size), int(images), int(source[0]) if source else int(size), args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

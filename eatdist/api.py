@@ -17,6 +17,8 @@ attributes, text and maps equal the CLI's for the same image.
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -89,6 +91,27 @@ class Explanation:
         if not 0 <= index < len(self.maps):
             raise IndexError(f"no map {index}: this explanation has {len(self.maps)} (class first)")
         return blend(self.image, self.maps[index], self.alpha if alpha is None else alpha)
+
+    @classmethod
+    def from_sample(cls, sample: dict[str, Any], image: ImageInput, alpha: float = 0.6) -> Explanation:
+        """Return the explanation an explanation-shard sample holds (its ``json`` and ``heatmaps.npy``)
+        over ``image``, the input it explains: :meth:`overlay` then draws what a shard written
+        without overlays (``explain.outputs``) does not hold, as ``eatdist explain`` draws it.
+
+        Raises:
+            DataError: when the sample lacks ``json`` or ``heatmaps.npy``, or ``image`` cannot be read.
+        """
+        missing = [part for part in ("json", "heatmaps.npy") if part not in sample]
+        if missing:
+            raise DataError(f"sample {sample.get('__key__', '?')}: no {' or '.join(missing)} to explain it from")
+        record = json.loads(sample["json"])
+        maps = np.load(io.BytesIO(sample["heatmaps.npy"]), allow_pickle=False).astype(np.float32)
+        attributes = [
+            AttributeScore(a["index"], a["name"], a["probability"], a["contribution"], a.get("role", "supports"))
+            for a in record.get("top_attributes", [])
+        ]
+        return cls(record["class"], record["class_name"], record["confidence"], attributes, record["text"], maps,
+                   to_pil(image), record, alpha)  # fmt: skip
 
 
 def to_pil(image: ImageInput) -> Image.Image:

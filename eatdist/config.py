@@ -175,6 +175,14 @@ class ExplainConfig:
     min_attr_acc: float = 0.6
     min_attr_gain: float = 0.02
     batch_size: int = 64
+    # What each output sample holds (docs/explain-outputs.md gives the cost of each part): json
+    # (required), txt, heatmaps.npy, and for people overlay, attr_maps and image (the format from
+    # overlay_format, or named: overlay.png). The default suits bulk jobs; `eatdist report` and
+    # the Python API draw overlays from heatmaps.npy and the input image when a shard holds none.
+    outputs: list[
+        Literal["json", "txt", "heatmaps.npy", "overlay", "attr_maps", "image", "overlay.jpg", "overlay.png",
+                "attr_maps.jpg", "attr_maps.png", "image.jpg", "image.png"]
+    ] = field(default_factory=lambda: ["json", "txt", "heatmaps.npy"])  # fmt: skip
     overlay_format: Literal["jpg", "png"] = "jpg"
     # The heat colour's opacity where the map peaks; it fades to 0 where the map is low.
     overlay_alpha: float = 0.6
@@ -182,6 +190,12 @@ class ExplainConfig:
     num_workers: int = 2
     # Batches waiting for the writer thread: bounds memory while the device runs ahead.
     queue_batches: int = 4
+    # Processes that render and encode the outputs; null: as many as num_workers (0: the writer
+    # thread does it).
+    encode_workers: int | None = None
+    # Where overlays, attribute strips and image copies are drawn and JPEG-encoded: "auto" on the
+    # model's GPU when it runs on one (nvJPEG), else in the encoding processes; "cpu" always there.
+    render_device: Literal["auto", "cpu"] = "auto"
     # Seconds without a heartbeat after which another process takes a shard's claim over.
     lease_s: float = 60.0
     # On a GPU: bfloat16 autocast for the forward, channels_last memory layout.

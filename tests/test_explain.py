@@ -40,9 +40,11 @@ def test_package_round_trip_gives_same_outputs(package):
 
 def test_explanation_shards_follow_contract_4(tmp_path, tiny_corpus, package):
     out = tmp_path / "out"
+    every_part = ["json", "txt", "heatmaps.npy", "image", "overlay", "attr_maps"]
     summary = run_explain(
-        str(package), str(tiny_corpus.root / "val-*.tar"), str(out), ExplainConfig(top_k=3, batch_size=16)
-    )
+        str(package), str(tiny_corpus.root / "val-*.tar"), str(out), ExplainConfig(top_k=3, batch_size=16,
+                                                                                   outputs=every_part)
+    )  # fmt: skip
     assert summary["explained"] == 80 and summary["undecodable"] == 0
     inputs = resolve_inputs(str(tiny_corpus.root / "val-*.tar"))
     assert sorted(p.name for p in out.glob("*.tar")) == ["val-000000.tar", "val-000001.tar"]

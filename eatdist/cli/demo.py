@@ -84,6 +84,8 @@ def _export_overlays(explain_dir: Path, target: Path, count: int = 6) -> list[tu
 # stride 8 gives 8 x 8 maps on 64 px images, fine enough to see the object (stride 16: 4 x 4);
 # it costs about 2.5x the compute per image, paid back by fewer images and epochs.
 DEMO_RECIPE = ["model.backbone_args={output_stride: 8}", "synth.train=5000", "train.epochs=6"]
+# The demo is for people: its explanations hold every picture (bulk jobs default to none).
+DEMO_OUTPUTS = "explain.outputs=[json, txt, heatmaps.npy, image, overlay, attr_maps]"
 
 
 def run_demo(workdir: str, processes: int, config: str | None, overrides: list[str]) -> int:
@@ -113,6 +115,7 @@ def run_demo(workdir: str, processes: int, config: str | None, overrides: list[s
             str(data / "test-*.tar"),
             "--output",
             str(explained),
+            DEMO_OUTPUTS,
             *common,
         ],
     )

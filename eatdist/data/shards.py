@@ -223,8 +223,9 @@ class AtomicShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
         self._file = open(self.tmp_path, "wb")
-        # mtime fixed so the same samples give byte-identical shards.
-        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0.0, user="eatdist", group="eatdist")
+        # mtime fixed so the same samples give byte-identical shards; an int, since a float mtime
+        # gives every member a PAX header (1 KiB more and twice the time per member).
+        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0, user="eatdist", group="eatdist")
         self._offsets: list[int] = []
         self.count = 0
 
@@ -239,6 +240,16 @@ class AtomicShardWriter:
         self._offsets.append(self._writer.tarstream.offset)
         self._writer.write(sample)
         self.count += 1
+
+    def write_members(self, members: bytes, offsets: list[int]) -> None:
+        """Add samples already laid out as tar members (as :meth:`write` lays them out, e.g. by
+        :func:`eatdist.explain.encode.tar_members` in another process); ``offsets``: where each
+        sample starts in ``members``."""
+        stream = self._writer.tarstream
+        self._offsets += [stream.offset + o for o in offsets]
+        stream.fileobj.write(members)
+        stream.offset += len(members)  # tarfile pads the archive from its offset when it closes
+        self.count += len(offsets)
 
     def __enter__(self) -> AtomicShardWriter:
         return self

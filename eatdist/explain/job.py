@@ -35,6 +35,7 @@ from eatdist.data.corpus import DATASET_FILE
 from eatdist.data.inputs import resolve_shards
 from eatdist.errors import ConfigError, DataError
 from eatdist.explain.claims import Claim, ClaimBoard, ClaimState
+from eatdist.explain.encode import Outputs
 from eatdist.explain.explainer import Explainer
 from eatdist.explain.work import FAILED, ShardWork, output_name, record_failure
 from eatdist.explain.writer import REPORTS, ShardReport, Timings
@@ -224,6 +225,7 @@ class ExplainJob:
         self.store = as_store(out)
         self.explainer, self.inputs, self.cfg = explainer, inputs, cfg
         self.rank, world = dist.rank(), dist.world_size()
+        Outputs.from_config(cfg)  # a bad explain.outputs fails before any work
         start_job(self.store, inputs, cfg.lease_s)
         # Where this process starts looking: its rank's share under a launcher, anywhere otherwise,
         # so that processes starting together rarely contend for the same claim.

@@ -73,9 +73,10 @@ def _true_class(sample: dict[str, Any]) -> int | None:
 class ShardChunks(IterableDataset):
     """The chunks of the shard named in a shared buffer; set it with :meth:`select` before each pass."""
 
-    def __init__(self, transform: v2.Compose, batch_size: int) -> None:
+    def __init__(self, transform: v2.Compose, batch_size: int, keep_images: bool = True) -> None:
         super().__init__()
         self.transform, self.batch_size = transform, batch_size
+        self.keep_images = keep_images  # False: ``Chunk.images`` stays empty (nothing is drawn from it)
         self._url = multiprocessing.Array("c", _URL_BYTES, lock=False)
 
     def select(self, url: str) -> None:
@@ -114,7 +115,8 @@ class ShardChunks(IterableDataset):
         array = np.array(image, dtype=np.uint8)
         chunk.keys.append(key)
         chunk.truths.append(_true_class(sample))
-        chunk.images.append(array)
+        if self.keep_images:
+            chunk.images.append(array)
         return self.transform(torch.from_numpy(array).permute(2, 0, 1))
 
     def __iter__(self) -> Iterator[Chunk]:

@@ -6,25 +6,37 @@ original image, the class map over it, the maps of the named attributes, the tex
 against predicted class. Mistakes come first, then the least confident predictions; buttons
 filter the cards by class and by right/wrong. A job of any size gives a page of at most
 ``samples`` cards: every explanation is read once for the counts, and the cards shown are the
-mistakes and the least confident correct predictions, as the page says.
+mistakes and the least confident correct predictions, as the page says. Shards written without
+pictures (``explain.outputs``, whose default holds none) get them drawn for the cards shown from
+their ``heatmaps.npy`` and the input images the job's ``_job.json`` names.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from eatdist.atomic import write_text
+from eatdist.data.pipeline import BadSample, decode_image
 from eatdist.data.remote import is_remote
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
+from eatdist.explain.encode import Outputs, render_images
 from eatdist.explain.evaluate import BREAKDOWN_FILE, EVALUATION_FILE
-from eatdist.explain.job import SUMMARY
+from eatdist.explain.job import JOB_FILE, SUMMARY, output_name, read_job
 from eatdist.store import Store, open_store
+
+log = logging.getLogger(__name__)
+DRAWN_PARTS = ("image.jpg", "overlay.jpg", "attr_maps.jpg")  # what a card shows
 
 REPORT_FILE = "report.html"
 
@@ -139,6 +151,35 @@ def _img(data: bytes | None, name: str, alt: str) -> str:
 def _find(sample: dict[str, Any], stem: str) -> tuple[str, bytes] | tuple[None, None]:
     key = next((k for k in sample if k.startswith(stem + ".")), None)
     return (key, sample[key]) if key is not None else (None, None)
+
+
+def _drawn_parts(sample: dict[str, Any], image: Image.Image | None) -> dict[str, Any]:
+    """Return ``sample`` with the image parts it lacks drawn from its ``heatmaps.npy`` over ``image``
+    (its input), as ``eatdist explain`` draws them; unchanged without an image or maps."""
+    if image is None or "heatmaps.npy" not in sample or _find(sample, "overlay")[0] is not None:
+        return sample
+    maps = np.load(io.BytesIO(sample["heatmaps.npy"]), allow_pickle=False).astype(np.float32)
+    drawn = render_images(np.asarray(image), maps, Outputs(("json", *DRAWN_PARTS)))
+    return {**drawn, **sample}
+
+
+def _input_images(store: Store, shard: str, keys: set[str]) -> tuple[dict[str, Image.Image], str | None]:
+    """Return the images of ``keys`` in the input shard of the output shard ``shard`` (named in the
+    job's ``_job.json``), and why some could not be read (None when all were)."""
+    try:
+        url = next(u for u in read_job(store)["inputs"] if output_name(u) == shard)
+    except (DataError, StopIteration, KeyError, TypeError):
+        return {}, f"{shard}: no input shard recorded in {JOB_FILE}"
+    found: dict[str, Image.Image] = {}
+    try:
+        for sample in iter_shard(url):
+            if sample["__key__"] in keys:
+                found[sample["__key__"]] = decode_image(sample)
+                if len(found) == len(keys):
+                    break
+    except (DataError, BadSample, OSError) as exc:
+        return found, f"{url}: {exc}"
+    return found, None if len(found) == len(keys) else f"{url}: {len(keys) - len(found)} key(s) not found"
 
 
 def _card(sample: dict[str, Any], names: dict[int, str]) -> str:
@@ -285,11 +326,16 @@ def write_report(explanations: str | Path | Store, out: str | Path | None = None
     chosen = ordered[:samples]
     wanted = {(e.shard, e.key): i for i, e in enumerate(chosen)}
     cards: list[str] = [""] * len(chosen)
+    unreadable: list[str] = []
     for s in sorted({e.shard for e in chosen}):
-        for sample in iter_shard(shards[s]):
-            i = wanted.get((s, sample["__key__"]))
-            if i is not None:
-                cards[i] = _card(sample, names)
+        picked = [(wanted[s, x["__key__"]], x) for x in iter_shard(shards[s]) if (s, x["__key__"]) in wanted]
+        # Shards written without pictures (explain.outputs) get them drawn from the input images.
+        bare = {sample["__key__"] for _, sample in picked if _find(sample, "overlay")[0] is None}
+        images, problem = _input_images(store, output_name(shards[s]), bare) if bare else ({}, None)
+        if problem:
+            unreadable.append(problem)
+        for i, sample in picked:
+            cards[i] = _card(_drawn_parts(sample, images.get(sample["__key__"])), names)
     metrics: dict[str, Any] = {}
     for name in (SUMMARY, EVALUATION_FILE, BREAKDOWN_FILE):
         try:
@@ -307,6 +353,10 @@ def write_report(explanations: str | Path | Store, out: str | Path | None = None
     warning = ""
     if check and not check.get("reliable", True):
         warning = f"<p class='warn'>⚠ {html.escape(check.get('message', ''))}</p>"
+    if unreadable:
+        log.warning("report: some cards have no pictures: %s", "; ".join(unreadable))
+        warning += (f"<p class='warn'>Some cards have no pictures (their shards hold none and the input "
+                    f"images could not be read): {html.escape('; '.join(unreadable))}</p>")  # fmt: skip
     class_options = "".join(
         f"<option value='{c}'>{html.escape(n)}</option>" for c, n in sorted(names.items(), key=lambda x: x[1])
     )

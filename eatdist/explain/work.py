@@ -18,6 +18,7 @@ import torch
 
 from eatdist.config import ExplainConfig
 from eatdist.data.remote import name_of
+from eatdist.explain.encode import Outputs
 from eatdist.explain.explainer import Explainer
 from eatdist.explain.loader import ShardChunks, make_loader, shutdown
 from eatdist.explain.writer import REPORTS, ShardReport, ShardWriterThread, Timings
@@ -42,15 +43,16 @@ class ShardWork:
 
     def __init__(self, explainer: Explainer, store: Store, cfg: ExplainConfig, rank: int = 0) -> None:
         self.explainer, self.store, self.cfg, self.rank = explainer, store, cfg, rank
-        self.dataset = ShardChunks(explainer.transform, cfg.batch_size)
+        # The decoded images travel to this process only when image parts are drawn from them.
+        images = bool(Outputs.from_config(cfg).images)  # a bad explain.outputs fails before any work
+        self.dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=images)
         self.loader = make_loader(self.dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
         # Start the workers before any thread exists (forking a threaded process is unsafe).
         self.dataset.select("")
         for _ in self.loader:
             pass
-        self.writer = ShardWriterThread(
-            explainer.meta, cfg.overlay_format, cfg.overlay_alpha, cfg.queue_batches, store=store
-        )
+        # Forks its encoding processes: made before this process starts any thread.
+        self.writer = ShardWriterThread(explainer.meta, cfg, store, explainer.device)
         self.timings: Timings = self.writer.timings
 
     def explain(

@@ -1,37 +1,47 @@
-"""Encoding and writing explanation shards in a thread, behind a bounded queue.
+"""Writing explanation shards in a thread, behind a bounded queue; encoding in processes around it.
 
-The main thread hands over each batch's host arrays and goes on to the next batch; this thread
-builds every image's json, text, ``heatmaps.npy``, the image itself, its class overlay and its
-attribute-map strip, writes the tar through the job's output store and, at the end of a shard,
-writes its report and publishes the shard whole (a rename in a folder, one upload to a bucket) —
-if the claim is still held. The queue holds at most
-``queue_batches`` batches, so memory stays flat whatever the speed of either side.
+The main thread hands over each batch's host arrays and goes on to the next batch. This thread
+draws the batch's images on the device when that is where they are drawn
+(:mod:`eatdist.explain.render`), hands the batch to the encoding processes
+(:mod:`eatdist.explain.encode`: json, text, ``heatmaps.npy`` and the image parts of
+``explain.outputs``), writes the samples they return to the tar in input order through the job's
+output store and, at the end of a shard, writes its report and publishes the shard whole (a rename
+in a folder, one upload to a bucket) — if the claim is still held. The queue holds at most
+``queue_batches`` batches and the processes at most one more batch each than they work on, so
+memory stays flat whatever the speed of either side.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-from PIL import Image
+import torch
 
+from eatdist.config import ExplainConfig
 from eatdist.data.remote import name_of
+from eatdist.errors import ConfigError, EatdistError
+from eatdist.explain.encode import Encoded, EncoderPool, EncodeTask, Outputs, encode_members, npy_bytes
 from eatdist.explain.explainer import BatchResult
 from eatdist.explain.loader import Chunk
-from eatdist.explain.overlay import attribute_strip, encode, overlay
+from eatdist.explain.render import render_batch
 from eatdist.models.package import PackageMeta
 from eatdist.store.base import ShardSink, Store
 
 log = logging.getLogger(__name__)
 REPORTS = "_reports"
+POOL_DIED = (
+    "an encoding process of explain died (killed, or out of memory?); nothing of the shard is published: "
+    "rerun (with fewer explain.encode_workers or a smaller explain.batch_size if memory ran out)"
+)
 
 
 @dataclass
@@ -57,7 +67,8 @@ class Timings:
     decode: float = 0.0
     forward: float = 0.0
     maps: float = 0.0
-    encode: float = 0.0
+    render: float = 0.0  # drawing and encoding image parts on the device
+    encode: float = 0.0  # CPU seconds of the encoding, summed over its processes
     write: float = 0.0
 
 
@@ -65,10 +76,18 @@ class ClaimLost(Exception):
     """Another process took this shard over; nothing of it is published."""
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+__all__ = ["REPORTS", "ClaimLost", "ShardReport", "ShardWriterThread", "Timings", "npy_bytes"]
+
+
+def draws_on_device(cfg: ExplainConfig, device: torch.device) -> bool:
+    """Whether the image parts of ``cfg.outputs`` are drawn on ``device`` (see ``explain.render_device``)."""
+    images = Outputs.from_config(cfg).images
+    return (
+        cfg.render_device == "auto"
+        and device.type == "cuda"
+        and bool(images)
+        and all(p.endswith(".jpg") for p in images)
+    )
 
 
 @dataclass
@@ -84,14 +103,28 @@ class _Close:
 
 
 class ShardWriterThread:
-    """One thread writing the explanation shards of this process, in order."""
+    """One thread writing the explanation shards of this process, in order.
+
+    With ``explain.encode_workers`` (default: ``num_workers``) above 0 the samples are encoded in
+    that many processes, forked here: make the writer before the process starts other threads.
+    Shards and reports are published through ``store``.
+    """
 
     def __init__(
-        self, meta: PackageMeta, overlay_format: str, overlay_alpha: float, queue_batches: int, store: Store
+        self, meta: PackageMeta, cfg: ExplainConfig, store: Store, device: torch.device | None = None
     ) -> None:
-        self.meta, self.fmt, self.alpha, self.store = meta, overlay_format, overlay_alpha, store
+        self.meta, self.outputs, self.store = meta, Outputs.from_config(cfg), store
+        self.device = device or torch.device("cpu")
+        self.on_device = draws_on_device(cfg, self.device)
+        workers = cfg.num_workers if cfg.encode_workers is None else cfg.encode_workers
+        if workers < 0:
+            raise ConfigError(f"config key 'explain.encode_workers': must be at least 0, got {workers}")
         self.timings = Timings()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_batches))
+        self.pool = EncoderPool(workers, meta, self.outputs) if workers > 0 else None
+        # Batches handed to the processes and not yet written: each process holds one, plus one queued.
+        self._pending: deque[Future[Encoded]] = deque()
+        self._in_flight = 2 * workers
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, cfg.queue_batches))
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="explain-writer", daemon=True)
         self._thread.start()
@@ -128,10 +161,14 @@ class ShardWriterThread:
         self._raise_if_failed()
 
     def close(self) -> None:
-        """Stop the thread after the queued work (its error, if any, is re-raised)."""
-        if self._thread.is_alive():
-            self._put(StopIteration)
-            self._thread.join()
+        """Stop the thread after the queued work, then the encoding processes (an error is re-raised)."""
+        try:
+            if self._thread.is_alive():
+                self._put(StopIteration)
+                self._thread.join()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
         self._raise_if_failed()
 
     def _run(self) -> None:
@@ -139,8 +176,17 @@ class ShardWriterThread:
         report: ShardReport | None = None
         try:
             while True:
-                item = self._queue.get()
+                try:  # with batches in the processes, write each as soon as it is back
+                    item = self._queue.get(timeout=0.01 if self._pending else None)
+                except queue.Empty:
+                    self._write_done(writer, report, block=False)
+                    continue
                 try:
+                    if isinstance(item, tuple):
+                        assert writer is not None and report is not None
+                        self._encode(writer, report, *item)
+                        continue
+                    self._write_done(writer, report, block=True)  # everything else comes after the batches
                     if item is StopIteration:
                         return
                     if isinstance(item, _Open):
@@ -149,15 +195,15 @@ class ShardWriterThread:
                         assert writer is not None and report is not None
                         item.done(self._publish(writer, report, item.still_held))
                         writer, report = None, None
-                    elif item is not None:
-                        assert writer is not None and report is not None
-                        self._encode(writer, report, *item)
                 finally:
                     self._queue.task_done()
         except BaseException as exc:  # handed to the main thread, which raises it
             if isinstance(exc, OSError) and exc.filename is None and report is not None:
                 exc.filename = report.output  # "disk full" alone does not say where
             self._error = exc
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
             if writer is not None:
                 try:
                     writer.__exit__(type(exc), exc, None)
@@ -171,38 +217,47 @@ class ShardWriterThread:
                     break
 
     def _encode(self, writer: ShardSink, report: ShardReport, chunk: Chunk, result: BatchResult) -> None:
+        task = EncodeTask(chunk.keys, chunk.truths, name_of(report.output), result, renamed=chunk.renamed)
+        report.renamed += [{"key": key, "original": chunk.renamed[key]} for key in chunk.keys if key in chunk.renamed]
+        if self.outputs.images and self.on_device:
+            started = time.perf_counter()
+            task.rendered = self._render(chunk, result)
+            self.timings.render += time.perf_counter() - started
+        elif self.outputs.images:
+            task.images = chunk.images
+        if self.pool is None:
+            self._write(writer, report, encode_members(task, self.meta, self.outputs))
+            return
+        try:
+            self._pending.append(self.pool.submit(task))
+        except BrokenProcessPool:
+            raise EatdistError(POOL_DIED) from None
+        self._write_done(writer, report, block=len(self._pending) > self._in_flight)
+
+    def _render(self, chunk: Chunk, result: BatchResult) -> list[dict[str, bytes]]:
+        with torch.inference_mode():
+            images = [torch.from_numpy(a).to(self.device).permute(2, 0, 1) for a in chunk.images]
+            maps = torch.from_numpy(result.maps).to(self.device)
+            counts = [len(n) for n in result.named]
+            return render_batch(images, maps, counts, self.outputs.images, self.outputs.alpha)
+
+    def _write_done(self, writer: ShardSink | None, report: ShardReport | None, block: bool) -> None:
+        """Write the batches back from the processes, oldest first: all of them when ``block``, else
+        those done (and always the oldest while more are out than the processes can hold)."""
+        while self._pending and (block or self._pending[0].done() or len(self._pending) > self._in_flight):
+            try:
+                encoded = self._pending.popleft().result()
+            except BrokenProcessPool:
+                raise EatdistError(POOL_DIED) from None
+            assert writer is not None and report is not None
+            self._write(writer, report, encoded)
+
+    def _write(self, writer: ShardSink, report: ShardReport, encoded: Encoded) -> None:
         started = time.perf_counter()
-        name = name_of(report.output)
-        samples = []
-        for b, key in enumerate(chunk.keys):
-            record = dict(result.record(b, self.meta), source_shard=name)
-            if chunk.truths[b] is not None:
-                record["true_class"] = chunk.truths[b]
-            if key in chunk.renamed:
-                record["original_key"] = chunk.renamed[key]
-                report.renamed.append({"key": key, "original": chunk.renamed[key]})
-            maps = result.image_maps(b)
-            image = Image.fromarray(chunk.images[b])
-            heat = maps.astype(np.float32)
-            sample = {
-                "__key__": key,
-                "json": json.dumps(record).encode(),
-                "txt": record["text"].encode(),
-                "heatmaps.npy": npy_bytes(maps),
-                # the original beside the overlays, so people can compare colours and shapes
-                f"image.{self.fmt}": encode(image, self.fmt),
-                f"overlay.{self.fmt}": overlay(image, heat[0], self.alpha, self.fmt),
-            }
-            strip = attribute_strip(image, heat[1:], self.alpha, self.fmt)
-            if strip is not None:
-                sample[f"attr_maps.{self.fmt}"] = strip
-            samples.append(sample)
-        encoded = time.perf_counter()
-        for sample in samples:
-            writer.write(sample)
-        report.explained += len(samples)
-        self.timings.encode += encoded - started
-        self.timings.write += time.perf_counter() - encoded
+        writer.write_members(encoded.members, encoded.offsets)
+        report.explained += len(encoded.offsets)
+        self.timings.encode += encoded.cpu_s
+        self.timings.write += time.perf_counter() - started
 
     def _publish(self, writer: ShardSink, report: ShardReport, still_held: Callable[[], bool]) -> ShardReport | None:
         started = time.perf_counter()

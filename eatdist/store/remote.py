@@ -215,6 +215,9 @@ class SpooledShard:
     def write(self, sample: dict[str, Any]) -> None:
         self._writer.write(sample)
 
+    def write_members(self, members: bytes, offsets: list[int]) -> None:
+        self._writer.write_members(members, offsets)
+
     def __enter__(self) -> SpooledShard:
         return self
 

@@ -1,0 +1,208 @@
+"""The output samples of one batch: the parts ``explain.outputs`` names, rendered and encoded.
+
+:func:`encode_batch` turns a batch's results (and its decoded images, when an image part is asked
+for) into the samples of the output shard, in input order. It runs in the writer thread when
+there are no encoding processes, else in an :class:`EncoderPool` of worker processes, so that
+encoding grows with cores the way decoding does and the main process only runs the device.
+Images already drawn on the device (:mod:`eatdist.explain.render`) arrive encoded and are only
+placed in their samples.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import tarfile
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from eatdist.config import ExplainConfig
+from eatdist.data.shards import check_key
+from eatdist.errors import ConfigError
+from eatdist.explain.explainer import BatchResult
+from eatdist.explain.overlay import attribute_strip, encode, overlay
+from eatdist.models.package import PackageMeta
+
+PARTS = ("json", "txt", "heatmaps.npy", "overlay", "attr_maps", "image")
+IMAGE_PARTS = ("overlay", "attr_maps", "image")
+DEFAULT_OUTPUTS = ["json", "txt", "heatmaps.npy"]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The parts of each output sample (full names, such as ``overlay.jpg``) and the overlay opacity."""
+
+    parts: tuple[str, ...]
+    alpha: float = 0.6
+
+    @classmethod
+    def from_config(cls, cfg: ExplainConfig) -> Outputs:
+        """Return the parts of ``cfg.outputs``; a part named without extension takes ``cfg.overlay_format``.
+
+        Raises:
+            ConfigError: when json is missing or a part is named twice.
+        """
+        parts = tuple(p if p in PARTS[:3] or "." in p else f"{p}.{cfg.overlay_format}" for p in cfg.outputs)
+        stems = [p.split(".", 1)[0] if p != "heatmaps.npy" else p for p in parts]
+        if "json" not in stems:
+            raise ConfigError("config key 'explain.outputs': must include json (evaluate and report read it)")
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        if twice:
+            raise ConfigError(f"config key 'explain.outputs': {', '.join(twice)} named more than once")
+        return cls(parts, cfg.overlay_alpha)
+
+    def name(self, stem: str) -> str | None:
+        """Return the full name of the part ``stem`` (``overlay`` → ``overlay.jpg``), None when not asked for."""
+        return next((p for p in self.parts if p == stem or p.startswith(stem + ".")), None)
+
+    @property
+    def images(self) -> list[str]:
+        """The image parts asked for (full names)."""
+        return [p for p in self.parts if p.split(".", 1)[0] in IMAGE_PARTS]
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """Return ``array`` in ``.npy`` format (no pickles)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+@dataclass
+class EncodeTask:
+    """One batch for :func:`encode_batch`: what the samples are made of."""
+
+    keys: list[str]
+    truths: list[int | None]
+    source_shard: str
+    result: BatchResult
+    images: list[np.ndarray] | None = None  # [H, W, 3] uint8, when image parts are drawn here
+    rendered: list[dict[str, bytes]] | None = None  # image parts drawn and encoded on the device
+    renamed: dict[str, str] = field(default_factory=dict)  # safe key -> the original key with its dots
+
+
+def render_images(image: np.ndarray, maps: np.ndarray, outputs: Outputs) -> dict[str, bytes]:
+    """Return the image parts of one image, drawn on the CPU: ``maps`` is its ``[1 + k, h, w]`` float32."""
+    pil = Image.fromarray(image)
+    parts: dict[str, bytes] = {}
+    for name in outputs.images:
+        stem, fmt = name.split(".", 1)
+        if stem == "image":
+            parts[name] = encode(pil, fmt)
+        elif stem == "overlay":
+            parts[name] = overlay(pil, maps[0], outputs.alpha, fmt)
+        else:
+            strip = attribute_strip(pil, maps[1:], outputs.alpha, fmt)
+            if strip is not None:  # no attribute named, no strip (contract 4)
+                parts[name] = strip
+    return parts
+
+
+def encode_batch(task: EncodeTask, meta: PackageMeta, outputs: Outputs) -> list[dict[str, Any]]:
+    """Return the output samples of ``task``, one per key, holding the parts of ``outputs``."""
+    samples = []
+    for b, key in enumerate(task.keys):
+        record = dict(task.result.record(b, meta), source_shard=task.source_shard)
+        if task.truths[b] is not None:
+            record["true_class"] = task.truths[b]
+        if key in task.renamed:
+            record["original_key"] = task.renamed[key]
+        maps = task.result.image_maps(b)
+        sample: dict[str, Any] = {"__key__": key, "json": json.dumps(record).encode()}
+        if "txt" in outputs.parts:
+            sample["txt"] = record["text"].encode()
+        if "heatmaps.npy" in outputs.parts:
+            sample["heatmaps.npy"] = npy_bytes(maps)
+        if task.rendered is not None:
+            sample.update(task.rendered[b])
+        elif task.images is not None:
+            sample.update(render_images(task.images[b], maps.astype(np.float32), outputs))
+        samples.append(sample)
+    return samples
+
+
+def tar_members(samples: list[dict[str, Any]], where: str) -> tuple[bytes, list[int]]:
+    """Return ``samples`` as tar members, laid out byte for byte as the shard writer's
+    ``webdataset.TarWriter`` lays them out (parts sorted by name, mode 0444, mtime 0, owner
+    eatdist), and where each sample starts; built here so that encoding processes do it.
+
+    Raises:
+        DataError: for a key WebDataset would read back split (a dot), naming ``where``.
+    """
+    out, offsets = bytearray(), []
+    for sample in samples:
+        key = str(sample["__key__"])
+        check_key(key, where)
+        offsets.append(len(out))
+        for ext in sorted(sample):
+            if ext == "__key__":
+                continue
+            data = sample[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "eatdist", "eatdist"
+            out += info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            out += data
+            out += bytes(-len(data) % tarfile.BLOCKSIZE)
+    return bytes(out), offsets
+
+
+@dataclass
+class Encoded:
+    """A batch's output samples as tar members (:func:`tar_members`), and the CPU seconds they took."""
+
+    members: bytes
+    offsets: list[int]
+    cpu_s: float
+
+
+def encode_members(task: EncodeTask, meta: PackageMeta, outputs: Outputs) -> Encoded:
+    """Return the samples of ``task`` (:func:`encode_batch`) as tar members; see :func:`tar_members`."""
+    started = time.thread_time()
+    members, offsets = tar_members(encode_batch(task, meta, outputs), task.source_shard)
+    return Encoded(members, offsets, time.thread_time() - started)
+
+
+_WORKER: tuple[PackageMeta, Outputs] | None = None
+
+
+def _init_worker(meta: PackageMeta, outputs: Outputs) -> None:
+    global _WORKER
+    _WORKER = (meta, outputs)
+
+
+def _encode_in_worker(task: EncodeTask) -> Encoded:
+    assert _WORKER is not None
+    return encode_members(task, *_WORKER)
+
+
+def _ready() -> None:
+    return None
+
+
+class EncoderPool:
+    """``processes`` worker processes running :func:`encode_batch`; results come back per batch, in order.
+
+    The workers are forked when the pool is made: make it before the process starts threads.
+    A worker that dies fails the batches it holds (``BrokenProcessPool`` from :meth:`Future.result`).
+    """
+
+    def __init__(self, processes: int, meta: PackageMeta, outputs: Outputs) -> None:
+        self.processes = processes
+        fork = multiprocessing.get_context("fork")
+        self._pool = ProcessPoolExecutor(processes, mp_context=fork, initializer=_init_worker, initargs=(meta, outputs))
+        # The first submit forks every worker at once, before any other thread exists.
+        self._pool.submit(_ready).result()
+
+    def submit(self, task: EncodeTask) -> Future[Encoded]:
+        """Start encoding ``task``; the future gives its tar members (:func:`encode_members`)."""
+        return self._pool.submit(_encode_in_worker, task)
+
+    def close(self) -> None:
+        """Stop the workers (queued batches are dropped)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)

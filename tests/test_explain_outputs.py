@@ -1,0 +1,196 @@
+"""What an explanation sample holds (explain.outputs), who encodes it, and pictures drawn on the device."""
+
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eatdist
+from conftest import untrained_package, write_corpus
+from eatdist.config import ExplainConfig, load_config
+from eatdist.data.pipeline import decode_image
+from eatdist.data.shards import iter_shard
+from eatdist.errors import ConfigError, DataError
+from eatdist.explain import overlay as pil_path
+from eatdist.explain import render
+from eatdist.explain.job import run_explain
+from eatdist.explain.report import write_report
+
+EVERY_PART = ["json", "txt", "heatmaps.npy", "image", "overlay", "attr_maps"]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory, tiny_corpus):
+    return untrained_package(tiny_corpus, tmp_path_factory.mktemp("pkg"))
+
+
+@pytest.fixture(scope="module")
+def every_part(tmp_path_factory, tiny_corpus, package):
+    """The test split explained with every part, encoded by 2 processes, 8 images a batch."""
+    out = tmp_path_factory.mktemp("every") / "out"
+    cfg = ExplainConfig(batch_size=8, num_workers=1, encode_workers=2, outputs=EVERY_PART)
+    run_explain(str(package), str(tiny_corpus.root / "test-*.tar"), str(out), cfg)
+    return out
+
+
+def samples(folder):
+    return [s for p in sorted(folder.glob("*.tar")) for s in iter_shard(p)]
+
+
+def test_encoding_processes_write_exactly_what_the_writer_thread_writes(tmp_path, tiny_corpus, package, every_part):
+    inline = tmp_path / "inline"
+    cfg = ExplainConfig(batch_size=8, num_workers=0, encode_workers=0, outputs=EVERY_PART)
+    run_explain(str(package), str(tiny_corpus.root / "test-*.tar"), str(inline), cfg)
+    # same keys in the input's order, same bytes in every part
+    assert (every_part / "test-000000.tar").read_bytes() == (inline / "test-000000.tar").read_bytes()
+    got = samples(every_part)
+    assert [s["__key__"] for s in got] == [s["__key__"] for s in iter_shard(tiny_corpus.root / "test-000000.tar")]
+    named = [len(json.loads(s["json"])["top_attributes"]) for s in got]
+    assert {k for s in got for k in s} == {"__key__", "json", "txt", "heatmaps.npy", "image.jpg", "overlay.jpg",
+                                           "attr_maps.jpg"} and any(named)  # fmt: skip
+    assert all(("attr_maps.jpg" in s) == (k > 0) for s, k in zip(got, named, strict=True))
+
+
+def test_default_outputs_are_json_text_and_maps_and_report_draws_the_pictures(tmp_path, package):
+    corpus = write_corpus(tmp_path / "c", {"test": [12]})
+    out, full_out = tmp_path / "out", tmp_path / "full"
+    summary = run_explain(str(package), str(corpus.root), str(out), ExplainConfig(batch_size=8))
+    run_explain(str(package), str(corpus.root), str(full_out), ExplainConfig(batch_size=8, outputs=EVERY_PART))
+    assert summary["explained"] == 12
+    bare = samples(out)
+    assert all(set(s) == {"__key__", "json", "txt", "heatmaps.npy"} for s in bare)
+    full = {s["__key__"]: s for s in samples(full_out)}
+    for s in bare:  # everything else is the same explanation
+        assert s["json"] == full[s["__key__"]]["json"] and s["heatmaps.npy"] == full[s["__key__"]]["heatmaps.npy"]
+    page = write_report(out, tmp_path / "r.html", samples=6).read_text()
+    keys = re.findall(r'<div class="key">([^ <]+) ', page)
+    cards = page.split('<div class="card')[1:]
+    assert len(keys) == len(cards) == 6
+    for key, card in zip(keys, cards, strict=True):
+        # the pictures drawn from heatmaps.npy and the input are the ones explain writes when asked
+        pictures = [base64.b64decode(x) for x in re.findall(r'src="data:image/jpeg;base64,([^"]+)"', card)]
+        written = [full[key][p] for p in ("image.jpg", "overlay.jpg", "attr_maps.jpg") if p in full[key]]
+        assert pictures == written and len(pictures) >= 2
+    assert "no pictures" not in page
+    (corpus.root / "test-000000.tar").unlink()  # inputs gone: cards without pictures, and the page says why
+    page = write_report(out, tmp_path / "r2.html", samples=6).read_text()
+    assert "<img " not in page and "Some cards have no pictures" in page and "test-000000.tar" in page
+
+
+def test_an_explanation_sample_and_its_input_give_the_overlays_explain_writes(tiny_corpus, every_part):
+    inputs = {s["__key__"]: s for s in iter_shard(tiny_corpus.root / "test-000000.tar")}
+    for sample in samples(every_part)[:5]:
+        bare = {k: sample[k] for k in ("__key__", "json", "heatmaps.npy")}
+        explanation = eatdist.Explanation.from_sample(bare, decode_image(inputs[sample["__key__"]]))
+        assert explanation.text == sample["txt"].decode()
+        assert pil_path.encode(explanation.overlay()) == sample["overlay.jpg"]
+    with pytest.raises(DataError, match="no heatmaps.npy"):
+        eatdist.Explanation.from_sample({"__key__": "k", "json": b"{}"}, np.zeros((4, 4, 3), np.uint8))
+
+
+def test_bad_outputs_are_one_line_config_errors(tmp_path, tiny_corpus, package):
+    with pytest.raises(ConfigError, match=r"explain\.outputs\[1\].*'overlay'"):
+        load_config(None, ["explain.outputs=[json, overlays]"])
+    with pytest.raises(ConfigError, match="must include json"):
+        run_explain(str(package), str(tiny_corpus.root / "test-*.tar"), str(tmp_path / "o"),
+                    ExplainConfig(outputs=["txt", "heatmaps.npy"]))  # fmt: skip
+    assert not (tmp_path / "o").exists()  # refused before any work
+    with pytest.raises(ConfigError, match="overlay named more than once"):
+        run_explain(str(package), str(tiny_corpus.root / "test-*.tar"), str(tmp_path / "o"),
+                    ExplainConfig(outputs=["json", "overlay", "overlay.png"]))  # fmt: skip
+
+
+def _chw(array):
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+def test_device_drawing_equals_the_pil_path_on_cpu():
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (224, 224), (150, 300), (37, 53)]  # (height, width): squares, wide, odd
+    for height, width in sizes:
+        image = (rng.random((height, width, 3)) * 255).astype(np.uint8)
+        maps = rng.random((4, 8, 8)).astype(np.float32)
+        maps[2] = 0.0  # an all-zero map: no heat, no contour
+        maps /= np.maximum(maps.reshape(4, -1).max(1), 1e-12)[:, None, None]
+        for k in range(4):  # the overlay: the same picture but for float rounding of the upsampled map
+            want = np.asarray(pil_path.blend(Image.fromarray(image), maps[k], 0.6)).astype(int)
+            got = render.blend(_chw(image)[None], torch.from_numpy(maps[k])[None], 0.6)[0].permute(1, 2, 0).numpy()
+            diff = np.abs(want - got)
+            assert diff.max() <= 2 and (diff > 0).mean() < 1e-3, (height, width, k)
+        strip = pil_path.attribute_strip(Image.fromarray(image), maps[1:], 0.6, "png")
+        want = np.asarray(Image.open(io.BytesIO(strip)))
+        got = render.strips(_chw(image)[None], torch.from_numpy(maps[1:])[None], [3])[0].permute(1, 2, 0).numpy()
+        assert want.shape == got.shape  # thumbnail sizes as PIL rounds them
+        assert np.abs(want.astype(int) - got.astype(int)).max() <= 2  # antialiased shrink: within 2 levels
+
+
+def test_device_jpegs_decode_within_a_few_levels_of_the_pil_jpegs():
+    rng = np.random.default_rng(1)
+    images, maps, counts = [], [], [2, 0, 3]
+    for height, width in [(96, 96), (96, 96), (80, 120)]:  # two of one size drawn together, one alone
+        yy, xx = np.mgrid[:height, :width]
+        smooth = np.stack([128 + 100 * np.sin(xx / 9.0 + c) * np.cos(yy / 13.0) for c in range(3)], -1)
+        images.append(smooth.astype(np.uint8))  # photo-like: JPEG differences stay small
+        maps.append(rng.random((4, 6, 6)).astype(np.float32))
+    drawn = render.render_batch([_chw(i) for i in images], torch.from_numpy(np.stack(maps)), counts,
+                                ["overlay.jpg", "attr_maps.jpg", "image.jpg"], 0.6)  # fmt: skip
+    for image, m, k, parts in zip(images, maps, counts, drawn, strict=True):
+        pil = Image.fromarray(image)
+        want = {"image.jpg": pil_path.encode(pil), "overlay.jpg": pil_path.overlay(pil, m[0], 0.6)}
+        if k:
+            want["attr_maps.jpg"] = pil_path.attribute_strip(pil, m[1 : 1 + k], 0.6)
+        assert set(parts) == set(want)
+        for name, data in want.items():
+            a = np.asarray(Image.open(io.BytesIO(data)), dtype=int)
+            b = np.asarray(Image.open(io.BytesIO(parts[name])), dtype=int)
+            assert a.shape == b.shape and np.abs(a - b).mean() < 1.5 and np.percentile(np.abs(a - b), 99) <= 8, name
+    with pytest.raises(ValueError, match="JPEG only"):
+        render.render_batch([_chw(images[0])], torch.from_numpy(maps[0][None]), [1], ["overlay.png"])
+
+
+def test_tar_members_from_encoding_processes_equal_the_shard_writers_layout(tmp_path):
+    from eatdist.data.shards import AtomicShardWriter
+    from eatdist.explain.encode import tar_members
+
+    parts = [{"__key__": f"d/k_{i}", "json": b"{}" * (i + 1), "txt": "é".encode() * i, "heatmaps.npy": bytes(700 + i)}
+             for i in range(5)]  # fmt: skip
+    with AtomicShardWriter(tmp_path / "a.tar") as writer:
+        for sample in parts:
+            writer.write(dict(sample))
+    with AtomicShardWriter(tmp_path / "b.tar") as writer:
+        writer.write_members(*tar_members([dict(s) for s in parts[:2]], "b.tar"))
+        writer.write_members(*tar_members([dict(s) for s in parts[2:]], "b.tar"))
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    assert (tmp_path / "a.tar.idx.json").read_bytes() == (tmp_path / "b.tar.idx.json").read_bytes()
+    with pytest.raises(DataError, match="contains a dot"):
+        tar_members([{"__key__": "a.b", "json": b"{}"}], "b.tar")
+
+
+def test_a_killed_encoding_process_fails_the_job_with_one_line_and_publishes_nothing(tmp_path, package):
+    import os
+    import signal
+
+    from eatdist.errors import EatdistError
+    from eatdist.explain.explainer import Explainer
+    from eatdist.explain.job import ExplainJob
+    from eatdist.models.package import load_package
+
+    corpus = write_corpus(tmp_path / "c", {"test": [48]})
+    model, meta = load_package(package)
+    cfg = ExplainConfig(batch_size=4, num_workers=0, encode_workers=1, outputs=EVERY_PART)
+    job = ExplainJob(Explainer(model, meta, cfg, torch.device("cpu")), [str(corpus.root / "test-000000.tar")],
+                     tmp_path / "out", cfg)  # fmt: skip
+    (pid,) = job.writer.pool._pool._processes  # the one encoding process, forked when the job was made
+    os.kill(pid, signal.SIGKILL)
+    try:
+        with pytest.raises(EatdistError, match="an encoding process of explain died"):
+            job.run()
+    finally:
+        with pytest.raises(EatdistError):  # close re-raises the writer's error
+            job.close()
+    assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").glob(".*.tmp"))
