@@ -185,7 +185,7 @@ def test_a_killed_encoding_process_fails_the_job_with_one_line_and_publishes_not
     cfg = ExplainConfig(batch_size=4, num_workers=0, encode_workers=1, outputs=EVERY_PART)
     job = ExplainJob(Explainer(model, meta, cfg, torch.device("cpu")), [str(corpus.root / "test-000000.tar")],
                      tmp_path / "out", cfg)  # fmt: skip
-    (pid,) = job.writer.pool._pool._processes  # the one encoding process, forked when the job was made
+    (pid,) = job.work.writer.pool._pool._processes  # the one encoding process, forked when the job was made
     os.kill(pid, signal.SIGKILL)
     try:
         with pytest.raises(EatdistError, match="an encoding process of explain died"):
