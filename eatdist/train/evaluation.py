@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from eatdist.config import Config
 from eatdist.data.corpus import DatasetInfo
 from eatdist.metrics.attributes import attribute_table
+from eatdist.metrics.prototype import prototype_metrics
 from eatdist.models.eat import EATModel, eat_loss
 from eatdist.train.batches import Batches
 from eatdist.train.scale import zero_stage
@@ -59,9 +60,10 @@ class Evaluator:
             _, parts = eat_loss(out, batch["label"], batch["attributes"], mask, 0.0, cfg.loss.attr_loss)
             sums[5] += parts["ce"] * n
             sums[6] += parts["attr"] * mask.sum()
-            rows.append(torch.cat([out.attr_logits.float().sigmoid(), batch["attributes"].float(), mask.float()], 1))
+            rows.append(torch.cat([out.attr_logits.float().sigmoid(), batch["attributes"].float(), mask.float(),
+                                   batch["label"].float()[:, None]], 1))  # fmt: skip
         sums = acc.reduce(sums, "sum")
-        table = self._attribute_table(rows)
+        table, prototype = self._attribute_table(rows)
         samples, annotated = sums[1].clamp(min=1), sums[3].clamp(min=1)
         metrics = {
             f"{split}_top1": float(sums[0] / samples),
@@ -72,12 +74,14 @@ class Evaluator:
             f"{split}_samples": int(sums[1]),
             f"{split}_skipped": int(sums[4]),
         }
+        # on/off-prototype accuracy and AP: does the attribute head read the image or repeat the class?
+        metrics.update({f"{split}_{k}": v for k, v in prototype.items()})
         return metrics, table
 
-    def _attribute_table(self, rows: list[torch.Tensor]) -> dict[str, Any]:
-        """Gather every rank's per-sample attribute rows and return the per-attribute table."""
+    def _attribute_table(self, rows: list[torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Gather every rank's per-sample attribute rows; return the per-attribute table and the prototype split."""
         acc, a = self.acc, self.info.num_attributes
-        local = torch.cat(rows) if rows else torch.zeros(0, 3 * a, device=acc.device)
+        local = torch.cat(rows) if rows else torch.zeros(0, 3 * a + 1, device=acc.device)
         if acc.num_processes > 1:
             # Ranks hold different numbers of samples: pad to the longest, gather, cut the padding.
             counts = acc.gather(torch.tensor([local.shape[0]], device=acc.device)).tolist()
@@ -86,9 +90,9 @@ class Evaluator:
             everything = acc.gather(padded)
             local = torch.cat([everything[r * width : r * width + n] for r, n in enumerate(counts)])
         data = local.cpu().numpy().astype(np.float64)
-        return attribute_table(
-            data[:, :a], data[:, a : 2 * a], data[:, 2 * a :], self.info.attributes, self.info.attribute_groups
-        )
+        probs, truth, mask, labels = data[:, :a], data[:, a : 2 * a], data[:, 2 * a : 3 * a], data[:, 3 * a]
+        table = attribute_table(probs, truth, mask, self.info.attributes, self.info.attribute_groups)
+        return table, prototype_metrics(probs, truth, mask, labels, self.info.class_attributes)
 
     def _batches(self, loader: Any) -> Iterator[dict[str, Any]]:
         """Yield the loader's batches; under ZeRO-3 also empty ones until every rank is done.
