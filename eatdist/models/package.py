@@ -19,6 +19,7 @@ from torch import nn
 from eatdist.data.pipeline import Preprocess
 from eatdist.errors import EatdistError, ModelPackageError
 from eatdist.models.eat import EATModel
+from eatdist.models.heads import HeadOptions
 from eatdist.models.registry import create_backbone
 
 META_FILE = "eatdist_model.json"
@@ -44,6 +45,8 @@ class PackageMeta:
     model_id: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     format: str = FORMAT
+    # the attribute-head design (HeadOptions); packages written before it have linear heads
+    head: dict[str, Any] = field(default_factory=dict)
 
 
 def build_model(
@@ -54,13 +57,14 @@ def build_model(
     head_hidden: int = 0,
     dropout: float = 0.0,
     pretrained_path: str | None = None,
+    head: HeadOptions | None = None,
 ) -> EATModel:
-    """Create the backbone through the registry and put the EAT heads on it."""
+    """Create the backbone through the registry and put the EAT heads on it (``head``: linear by default)."""
     kwargs = dict(backbone_args)
     if pretrained_path:
         kwargs["pretrained_path"] = pretrained_path
     module = create_backbone(backbone, **kwargs)
-    return EATModel(module, num_classes, num_attributes, head_hidden, dropout, backbone_name=backbone)
+    return EATModel(module, num_classes, num_attributes, head_hidden, dropout, backbone_name=backbone, head=head)
 
 
 def backbone_preprocess(model: EATModel, image_size: int) -> Preprocess:
@@ -135,8 +139,9 @@ def load_package(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise ModelPackageError(f"{path} is not a complete eatdist model package (no {WEIGHTS_FILE})")
     try:
         model = build_model(
-            meta.backbone, meta.backbone_args, len(meta.classes), len(meta.attributes), meta.head_hidden
-        )
+            meta.backbone, meta.backbone_args, len(meta.classes), len(meta.attributes), meta.head_hidden,
+            head=HeadOptions.from_json(meta.head),
+        )  # fmt: skip
     except EatdistError as exc:
         raise ModelPackageError(f"model package {path}: {exc}") from None
     try:
