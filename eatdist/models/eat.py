@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eatdist.errors import BackboneError
+from eatdist.errors import BackboneError, ConfigError
 from eatdist.models.heads import HeadOptions, SpatialAttributeHead, attribute_cell_weights
 
 
@@ -90,7 +90,7 @@ class EATModel(nn.Module):
         self.grid_size = tuple(grid) if grid is not None else None
         self.head = head or HeadOptions()
         if self.head.spatial and head_hidden > 0:
-            raise BackboneError("a spatial attribute head has no hidden layer: set model.head_hidden=0")
+            raise ConfigError("config key 'model.head_hidden': a spatial attribute head has no hidden layer; use 0")
         self.class_head = make_head(self.num_features, num_classes, head_hidden, dropout)
         self.attr_head: nn.Module
         if self.head.spatial:
