@@ -308,6 +308,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/attribute_task")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--test", type=int, default=400)
@@ -323,7 +324,7 @@ def main() -> None:
     root = Path(args.workdir)
     started = time.time()
     results: list[dict[str, Any]] = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = SynthConfig(train=args.train, val=300, test=args.test, image_size=args.image_size,
                           spurious_rate=args.spurious, spurious_hue_jitter=args.hue_jitter,
                           attr_noise=args.attr_noise, seed=seed, workers=1)  # fmt: skip
