@@ -16,12 +16,23 @@ classifier) and 1 (EAT) on it, and score both on the test split:
   the class map, 10 steps; lower deletion and higher insertion mean the map found what the
   prediction rests on.
 
+- attribute accuracy where the image departs from its class's prototype (and where it agrees),
+  :mod:`eatdist.metrics.prototype`;
+- sanity checks (:mod:`eatdist.explain.sanity`): the mean Spearman ρ between the class maps and
+  those of the model with its heads and top block re-initialised (lower: the maps depend on the
+  weights), and the class-probability drop when the top 20 % of pixels by the class map are
+  removed, minus the drop for random maps of the same resolution (higher: the map found the evidence).
+
+The baseline is the plain classifier (``loss.attr_weight=0``, linear heads over the global
+average pool); EAT uses the attribute head ``--head`` names (default: the spatial head with the
+class pooled through its maps, the synthetic recipe's; ``linear`` is the original EAT head).
+
 It prints each seed's numbers and the paired differences EAT − baseline (mean ± sd over seeds,
-and how many seeds agree in sign), and writes them to ``<workdir>/results.json``. An experiment,
-not a test: it reports what it measures.
+the 95 % t-interval of the mean, and how many seeds agree in sign), and writes them to
+``<workdir>/results.json``. An experiment, not a test: it reports what it measures.
 
     python benchmarks/attribute_task.py [--seeds 5] [--train 4000] [--epochs 6] [--image-size 64]
-        [--output-stride 8] [--spurious 0.9] [--attr-noise 0.08] [--hue-jitter 0.0]
+        [--output-stride 8] [--spurious 0.9] [--attr-noise 0.08] [--hue-jitter 0.0] [--head spatial]
 """
 
 from __future__ import annotations
@@ -47,19 +58,29 @@ from eatdist.config import ExplainConfig, SynthConfig
 from eatdist.data.corpus import load_dataset_info
 from eatdist.data.shards import iter_shard
 from eatdist.data.synth import class_prototypes, generate, render_object
-from eatdist.explain.cam import closed_form_maps
+from eatdist.explain.cam import explanation_maps
 from eatdist.explain.explainer import Explainer
+from eatdist.explain.sanity import cascade_stages, class_maps, deletion_drop, random_maps, randomised, spearman
+from eatdist.metrics.prototype import prototype_metrics
 from eatdist.models.package import load_package
 
 STEPS = 10  # deletion / insertion fractions 0, 0.1, ..., 1
+# EAT's head per --head; the baseline is always the plain classifier (linear heads, mean pool)
+HEADS = {
+    "linear": ["model.attr_head=linear", "model.class_pool=mean"],
+    "spatial": ["model.attr_head=spatial", "model.class_pool=attributes", "loss.off_prototype_weight=5"],
+}
+# t quantiles (0.975) for 95 % intervals of a mean over n seeds (df = n - 1)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def train(data: Path, run: Path, weight: float, seed: int, args: argparse.Namespace) -> None:
+    head = HEADS[args.head] if weight > 0 else HEADS["linear"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "eatdist", "train", f"data.root={data}", f"train.output_dir={run}",
            f"loss.attr_weight={weight}", f"train.epochs={args.epochs}", f"train.seed={seed}",
            f"data.image_size={args.image_size}", f"model.backbone_args={{output_stride: {args.output_stride}}}",
-           "data.num_workers=1", "train.final_test=false", "train.log_every=1000"]  # fmt: skip
+           "data.num_workers=1", "train.final_test=false", "train.log_every=1000", *head]  # fmt: skip
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
 
 
@@ -100,8 +121,24 @@ class Scorer:
         probs = out.class_logits.float().softmax(1)
         classes = probs.argmax(1)
         empty = torch.zeros(len(batch), 0, dtype=torch.long)
-        maps = closed_form_maps(self.model, out.features.float(), classes, empty)[:, 0]
+        maps = explanation_maps(self.model, batch, out.features.float(), classes, empty)[:, 0]
         return probs, maps
+
+    @torch.inference_mode()
+    def attribute_probs(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch).attr_logits.float().sigmoid()
+
+    def sanity(self, batch: torch.Tensor, classes: torch.Tensor) -> tuple[float, float]:
+        """(mean Spearman rho against the model with heads and top block re-initialised, 3 draws;
+        deletion drop of the class map minus that of random maps)."""
+        maps = class_maps(self.model, batch, classes)
+        _, modules = cascade_stages(self.model)[1]
+        rho = np.mean([spearman(maps, class_maps(randomised(self.model, modules, s), batch, classes)).mean().item()
+                       for s in range(3)])  # fmt: skip
+        gain = deletion_drop(self.model, batch, maps, classes) - deletion_drop(
+            self.model, batch, random_maps(maps), classes
+        )
+        return float(rho), float(gain.mean())
 
     @torch.inference_mode()
     def curves(self, batch: torch.Tensor, heat: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -140,6 +177,8 @@ def score(package: Path, cfg: SynthConfig, data: Path, curve_images: int, batch_
     info = load_dataset_info(data)
     samples = [s for p in info.shard_paths("test") for s in iter_shard(p)]
     names = ("correct", "swap_follows", "swap_correct", "point", "mass", "ceiling", "zero_map", "area")
+    attr_rows: list[tuple[np.ndarray, np.ndarray, int]] = []
+    sanity: list[tuple[float, float]] = []
     rows: dict[str, list[float]] = {k: [] for k in (*names, "deletion", "insertion")}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -172,7 +211,10 @@ def score(package: Path, cfg: SynthConfig, data: Path, curve_images: int, batch_
         rows["ceiling"] += _ideal_mass(mask, tuple(maps.shape[-2:])).tolist()
         rows["zero_map"] += zero.float().tolist()
         rows["area"] += mask.flatten(1).mean(1).tolist()
+        for p, d in zip(scorer.attribute_probs(batch).numpy(), drawn, strict=True):
+            attr_rows.append((p, np.asarray(d.record["attributes"]), d.record["class"]))
         if len(rows["deletion"]) < curve_images:
+            sanity.append(scorer.sanity(batch, pred))
             d, ins = scorer.curves(batch, heat, pred)
             rows["deletion"] += d.tolist()
             rows["insertion"] += ins.tolist()
@@ -181,6 +223,9 @@ def score(package: Path, cfg: SynthConfig, data: Path, curve_images: int, batch_
 
     def part(values: np.ndarray, where: np.ndarray) -> float:
         return float(values[where].mean()) if where.any() else float("nan")
+
+    probs_a, truth_a = np.stack([r[0] for r in attr_rows]), np.stack([r[1] for r in attr_rows])
+    split = prototype_metrics(probs_a, truth_a, None, np.array([r[2] for r in attr_rows]), info.class_attributes)
 
     return {
         "top1": float(correct.mean()),
@@ -199,12 +244,18 @@ def score(package: Path, cfg: SynthConfig, data: Path, curve_images: int, batch_
         "deletion_auc": float(np.mean(rows["deletion"])),
         "insertion_auc": float(np.mean(rows["insertion"])),
         "map_hw": float(maps.shape[-1]),
+        "attr_acc_off_prototype": float(split["attr_acc_off_prototype"]),
+        "attr_acc_on_prototype": float(split["attr_acc_on_prototype"]),
+        "randomisation_rho": float(np.mean([r for r, _ in sanity])),
+        "deletion_vs_random": float(np.mean([g for _, g in sanity])),
     }
 
 
 # (key, label, +1 when larger is better for EAT's claim, -1 when smaller is)
 METRICS: list[tuple[str, str, int]] = [
     ("top1", "test top-1", 1),
+    ("attr_acc_off_prototype", "attr acc, off-prototype", 1),
+    ("attr_acc_on_prototype", "attr acc, on-prototype", 1),
     ("swap_follows_background", "swap: follows background", -1),
     ("swap_top1", "swap: top-1", 1),
     ("pointing", "pointing game (all)", 1),
@@ -217,12 +268,26 @@ METRICS: list[tuple[str, str, int]] = [
     ("deletion_auc", "deletion AUC (lower better)", -1),
     ("insertion_auc", "insertion AUC", 1),
     ("zero_maps", "all-zero class maps", -1),
+    ("randomisation_rho", "rho vs randomised top (lower)", -1),
+    ("deletion_vs_random", "deletion drop - random maps'", 1),
 ]
+
+
+def interval(diffs: list[float]) -> tuple[float, float, float, float]:
+    """Return (mean, sd, 95 % interval low, high) of paired differences (t-interval over seeds)."""
+    if not diffs:
+        return (float("nan"),) * 4
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan"), float("nan"), float("nan")
+    sd = statistics.stdev(diffs)
+    half = T975.get(len(diffs) - 1, 1.96) * sd / len(diffs) ** 0.5
+    return mean, sd, mean - half, mean + half
 
 
 def _table(results: list[dict[str, Any]]) -> str:
     lines = [f"{'metric':30s} " + " ".join(f"{'seed ' + str(r['seed']):>17s}" for r in results)
-             + f" {'EAT - baseline (mean ± sd)':>27s} {'EAT better':>11s}"]  # fmt: skip
+             + f" {'EAT - baseline (mean ± sd)':>27s} {'95 % interval':>18s} {'EAT better':>11s}"]  # fmt: skip
     lines.append(f"{'':30s} " + " ".join(f"{'base / EAT':>17s}" for _ in results))
     for key, label, sign in METRICS:
         cells, diffs = [], []
@@ -231,11 +296,11 @@ def _table(results: list[dict[str, Any]]) -> str:
             cells.append(f"{b:8.3f}/{e:<8.3f}" if key != "zero_maps" else f"{b:8.0f}/{e:<8.0f}")
             if not (np.isnan(b) or np.isnan(e)):
                 diffs.append(e - b)
-        mean = statistics.fmean(diffs) if diffs else float("nan")
-        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        mean, sd, low, high = interval(diffs)
         agree = sum(np.sign(d) == sign for d in diffs)
         lines.append(f"{label:30s} " + " ".join(f"{c:>17s}" for c in cells)
-                     + f" {mean:+13.3f} ± {sd:<11.3f} {agree:>8d}/{len(diffs)}")  # fmt: skip
+                     + f" {mean:+13.3f} ± {sd:<11.3f} [{low:+7.3f}, {high:+7.3f}] "
+                     + f"{agree:>8d}/{len(diffs)}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -243,6 +308,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/attribute_task")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--test", type=int, default=400)
@@ -253,11 +319,12 @@ def main() -> None:
     parser.add_argument("--attr-noise", type=float, default=0.08)
     parser.add_argument("--curve-images", type=int, default=100, help="test images for deletion/insertion")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per training process")
+    parser.add_argument("--head", choices=sorted(HEADS), default="spatial", help="EAT's attribute head")
     args = parser.parse_args()
     root = Path(args.workdir)
     started = time.time()
     results: list[dict[str, Any]] = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = SynthConfig(train=args.train, val=300, test=args.test, image_size=args.image_size,
                           spurious_rate=args.spurious, spurious_hue_jitter=args.hue_jitter,
                           attr_noise=args.attr_noise, seed=seed, workers=1)  # fmt: skip

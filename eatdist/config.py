@@ -84,6 +84,14 @@ class ModelConfig:
     # Or a local weights file (safetensors or a torch state dict) for the backbone.
     pretrained_path: str | None = None
     head_hidden: int = 0
+    # The attribute head (eatdist.models.heads): "linear" over the pooled features (closed-form
+    # CAM), or "spatial": one map per attribute, pooled by attr_pool (max, topk of attr_topk
+    # cells, attention); class_pool "attributes" makes the class head read the cells the
+    # attribute maps light up instead of the plain mean (spatial heads only).
+    attr_head: Literal["linear", "spatial"] = "linear"
+    attr_pool: Literal["max", "topk", "attention"] = "max"
+    attr_topk: int = 4
+    class_pool: Literal["mean", "attributes"] = "mean"
     dropout: float = 0.0
     grad_checkpointing: bool = False
     channels_last: bool = False
@@ -97,6 +105,9 @@ class LossConfig:
     attr_loss: Literal["bce", "mse"] = "bce"
     # Softened class targets for the training loss (validation loss uses hard ones).
     label_smoothing: float = 0.0
+    # Weight of the attribute entries where an image departs from its class's prototype
+    # (class_attributes >= 0.5): the few entries only the image can answer. 1: no emphasis.
+    off_prototype_weight: float = 1.0
 
 
 @dataclass

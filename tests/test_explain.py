@@ -109,7 +109,8 @@ def test_choose_attributes_names_only_present_ones_and_contrasts():
     groups = {0: "g0", 1: "g0", 2: "g1", 3: "g2", 4: "g2", 5: "g3"}
     class_row = [0.1, 0.9, 0.8, 0.05, 0.92, 0.1]  # characteristic: 1, 2 and 4
     named, contrasts = choose_attributes(probs, contrib, class_row, groups, top_k=2, threshold=0.5, max_contrasts=2)
-    assert [(n.index, n.role) for n in named] == [(2, "supports"), (0, "supports"), (3, "instead")]
+    # 5 is present although the class usually lacks it, and no reason (top_k): said as "against"
+    assert [(n.index, n.role) for n in named] == [(2, "supports"), (0, "supports"), (3, "instead"), (5, "against")]
     assert contrasts == [(4, 3), (1, 0)]  # most characteristic first; 1's group shows 0, already a reason
     assert named[2].instead_of == 4 and all(probs[n.index] > 0.5 for n in named)
     _, contrasts = choose_attributes(probs, contrib, class_row, {}, top_k=2, threshold=0.5, max_contrasts=1)

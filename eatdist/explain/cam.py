@@ -4,6 +4,12 @@ Both heads are linear over a global average pool, so the Grad-CAM weight of chan
 target ``k`` is ``W[k, c] / (H * W)`` and Grad-CAM equals CAM up to that constant:
 ``map_k = relu(sum_c W[k, c] * A[c])``. All maps of a batch come from one forward pass and one
 einsum, with no backward. Non-linear heads fall back to Grad-CAM by batched autograd.
+
+A spatial attribute head (:mod:`eatdist.models.heads`) computes its attribute maps in the
+forward pass: they are the explanation's attribute maps (``relu`` of the logit map, so a cell
+shows where the attribute is seen). Its class map is the class's CAM, weighted by the cells the
+class head pooled with when ``model.class_pool`` is ``attributes``: the class logit is exactly
+the sum of that map's signed cells plus the bias.
 """
 
 from __future__ import annotations
@@ -35,6 +41,26 @@ def closed_form_maps(
     return torch.relu(torch.einsum("bkc,bchw->bkhw", weights.to(features.dtype), features))
 
 
+def spatial_head_maps(
+    model: EATModel, features: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor
+) -> torch.Tensor:
+    """Return ``[B, 1 + K, H, W]`` maps of a model with a spatial attribute head, same layout as closed form.
+
+    Raises:
+        ValueError: when the model has no spatial attribute head, or its class head is not linear.
+    """
+    w_class = linear_weight(model.class_head)
+    if not model.spatial or w_class is None:
+        raise ValueError("spatial head maps need a spatial attribute head and a linear class head")
+    attr_maps = model.attr_head.maps(features)  # type: ignore[operator]
+    class_map = torch.einsum("bc,bchw->bhw", w_class[classes].to(features.dtype), features)
+    cells = model.cell_weights(attr_maps)
+    if cells is not None:  # scaled by the cell count so that uniform weights give the plain CAM
+        class_map = class_map * cells.to(class_map.dtype) * cells[0].numel()
+    chosen = attr_maps.gather(1, attributes[:, :, None, None].expand(-1, -1, *attr_maps.shape[2:]))
+    return torch.relu(torch.cat([class_map[:, None], chosen], dim=1))
+
+
 def gradcam_autograd(
     model: EATModel, images: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor
 ) -> torch.Tensor:
@@ -60,6 +86,8 @@ def explanation_maps(
     model: EATModel, images: torch.Tensor, features: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor
 ) -> torch.Tensor:
     """Return class and attribute maps by the cheapest exact route for ``model``'s heads."""
+    if model.spatial:
+        return spatial_head_maps(model, features, classes, attributes)
     if model.linear_heads:
         return closed_form_maps(model, features, classes, attributes)
     return gradcam_autograd(model, images, classes, attributes)

@@ -22,6 +22,7 @@ from eatdist.data.corpus import IMAGE_EXTENSIONS
 from eatdist.data.remote import is_remote, join, redact
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
+from eatdist.metrics.prototype import PROTOTYPE, prototype_metrics
 from eatdist.store import Store, open_store
 
 EVALUATION_FILE = "evaluation.json"
@@ -69,6 +70,10 @@ class _Tally:
     class_names: dict[int, str] = field(default_factory=dict)
     attr_right: np.ndarray | None = None  # per attribute: correct answers, and answers counted
     attr_counted: np.ndarray | None = None
+    # correctly classified images: attributes shown that the class's prototype lacks, and of those the named ones
+    unusual_shown: int = 0
+    unusual_named: int = 0
+    named_absent: int = 0  # named attributes the model scores absent (p <= 0.5): the text must never do that
 
     def add_maps(self, scores: tuple[float, bool] | None, mass: list[float], hits: list[bool]) -> None:
         if scores is not None:
@@ -106,6 +111,17 @@ def _attribute_names(data_dir: str) -> list[str]:
         return []
 
 
+def _prototypes(data_dir: Path) -> np.ndarray | None:
+    """The corpus's ``[C, A]`` prototype membership (``class_attributes`` >= 0.5), or None without one."""
+    try:
+        from eatdist.data.corpus import load_dataset_info
+
+        matrix = load_dataset_info(data_dir).class_attributes
+    except Exception:  # bare shards without dataset.json: no prototypes to split by
+        return None
+    return None if matrix is None else np.asarray(matrix, np.float64) >= PROTOTYPE
+
+
 def _breakdown(t: _Tally, attribute_names: list[str]) -> dict[str, Any]:
     """Per-class accuracy, per-attribute accuracy and the confusion counts, for the report."""
     classes = sorted({c for pair in t.confusion for c in pair})
@@ -135,7 +151,10 @@ def evaluate_explanations(explanations: str | Path | Store, data: str | Path) ->
     the all-zero maps counted (``zero_class_maps``, and ``zero_attribute_maps`` of
     ``attribute_maps``: they point nowhere, so the map scores leave them out), and the path of
     ``breakdown.json``: ``per_class`` top-1, ``per_attribute`` accuracy and the ``confusion``
-    counts as ``[true, predicted, images]``.
+    counts as ``[true, predicted, images]``. With the corpus's ``class_attributes`` also the
+    on/off-prototype split of :func:`eatdist.metrics.prototype.prototype_metrics` and
+    ``off_prototype_named``: of the attributes correctly classified images show although their
+    class usually lacks them, the share their explanation names.
 
     Raises:
         DataError: when there are no explanation shards or an input shard is missing;
@@ -148,6 +167,8 @@ def evaluate_explanations(explanations: str | Path | Store, data: str | Path) ->
         raise DataError(f"no explanation shards (*.tar) in {store.root}")
     t = _Tally()
     attribute_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per image: probabilities, labels, mask
+    true_classes: list[int] = []
+    prototypes = _prototypes(data_dir)
     for shard in shards:
         truth = _truth(data_dir, shard)
         for sample in iter_shard(store.url(shard)):
@@ -179,6 +200,14 @@ def evaluate_explanations(explanations: str | Path | Store, data: str | Path) ->
                     t.attr_right += hits
                     t.attr_counted += mask
                 attribute_rows.append((probs, attrs, mask))
+                true_classes.append(int(record["class"]))
+                named = {int(a["index"]) for a in pred.get("top_attributes", [])}
+                t.named_absent += int(sum(probs[a] <= 0.5 for a in named if a < len(probs)))
+                if prototypes is not None and pred["class"] == record["class"] and record["class"] < len(prototypes):
+                    shown = np.flatnonzero((attrs > 0.5) & (mask > 0))
+                    unusual = [a for a in shown if not prototypes[record["class"]][a]]
+                    t.unusual_shown += len(unusual)
+                    t.unusual_named += int(sum(int(a) in named for a in unusual))
             if "bbox" in record:
                 x0, y0, x1, y1 = record["bbox"]
                 t.box_area.append((x1 - x0) * (y1 - y0) / (record["_size"][0] * record["_size"][1]))
@@ -204,10 +233,18 @@ def evaluate_explanations(explanations: str | Path | Store, data: str | Path) ->
         "zero_attribute_maps": t.zero_attr_maps,
         "attribute_maps": t.attr_maps,
         "breakdown": store.url(BREAKDOWN_FILE),
+        # of the attributes correctly classified images show although their class usually lacks them,
+        # the share the explanation names (as a reason, "instead" or "against")
+        "off_prototype_named": round(t.unusual_named / t.unusual_shown, 5) if t.unusual_shown else None,
+        "off_prototype_shown": t.unusual_shown,
+        "named_attributes_scored_absent": t.named_absent,
     }
     # Per-class and per-attribute tables are long (CUB: 200 and 312 rows): a file of their own.
     store.put_json(BREAKDOWN_FILE, _breakdown(t, _attribute_names(data_dir)))
     result.update(attribute_metrics(attribute_rows, data_dir, store))
+    if attribute_rows and prototypes is not None:
+        probs, truth, mask = (np.stack([r[i] for r in attribute_rows]) for i in range(3))
+        result.update(prototype_metrics(probs, truth, mask, np.asarray(true_classes), prototypes))
     store.put_json(EVALUATION_FILE, result)
     return result
 

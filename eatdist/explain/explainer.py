@@ -28,7 +28,7 @@ class BatchResult:
 
     classes: list[int]
     confidence: list[float]
-    named: list[list[Named]]  # per image: the attributes its text names (reasons, then contrasts)
+    named: list[list[Named]]  # per image: the attributes its text names (reasons, contrasts, then against)
     contrasts: list[list[tuple[int, int | None]]]  # per image: (characteristic attribute lacked, shown instead)
     contributions: list[list[float]]  # [B, A], see :func:`attribute_contributions`
     attr_probs: list[list[float]]  # [B, A]
@@ -57,6 +57,7 @@ class BatchResult:
             [(meta.attributes[a], meta.attributes[s] if s is not None else None) for a, s in self.contrasts[b]],
             [groups.get(n.index) for n in supports],
             warning,
+            [meta.attributes[n.index] for n in self.named[b] if n.role == "against"],
         )
         peaks = self.peaks[b][: 1 + len(self.named[b])]
         top = []
@@ -172,7 +173,7 @@ class Explainer:
     def infer(self, pixels: torch.Tensor) -> BatchResult:
         """Return the predictions and maps of a transformed ``[B, 3, S, S]`` batch."""
         # Non-linear heads need autograd for their maps, which inference mode forbids.
-        mode = torch.inference_mode() if self.model.linear_heads else torch.no_grad()
+        mode = torch.inference_mode() if self.model.linear_heads or self.model.spatial else torch.no_grad()
         with mode:
             batch, out = self.forward(pixels)
             return self.results(batch, out)

@@ -51,6 +51,27 @@ METRIC_TEXT: list[tuple[str, str, str]] = [
         "Share of (image, attribute) answers that are right, present "
         "meaning p > 0.5. Near the share of the more common answer means the attributes carry little.",
     ),  # fmt: skip
+    (
+        "attr_acc_on_prototype",
+        "… where the image matches its class",
+        "Attribute accuracy on the answers where the image has its class's usual value (most answers).",
+    ),  # fmt: skip
+    (
+        "attr_acc_off_prototype",
+        "… where the image departs from its class",
+        "Attribute accuracy on the answers where the image differs from what its class usually looks like: "
+        "only an attribute head that reads the image gets these right; one that repeats the class gets them wrong.",
+    ),  # fmt: skip
+    (
+        "off_prototype_detected",
+        "Unusual attributes detected",
+        "Share of the attributes images show although their class usually lacks them that the model sees.",
+    ),  # fmt: skip
+    (
+        "off_prototype_named",
+        "Unusual attributes named",
+        "Of those, on correctly classified images: the share the explanation names.",
+    ),  # fmt: skip
     ("class_map_pointing", "Pointing game", "Share of images whose class-map peak falls on the object's box."),
     (
         "class_map_mass_on_object",
@@ -82,6 +103,9 @@ METRIC_TEXT: list[tuple[str, str, str]] = [
     ("attribute_maps", "Attribute maps drawn", "Maps of named attributes over all explanations."),
     ("attr_mean_ap", "Attribute mean AP", "Average precision per attribute, averaged."),
 ]
+
+# how a named attribute's role is shown beside its name on a card
+ROLE_NOTE = {"instead": " (instead)", "against": " (unusual for the class)"}
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; max-width: 1400px; }
@@ -208,7 +232,7 @@ def _card(sample: dict[str, Any], names: dict[int, str]) -> str:
         verdict = (f'<div class="verdict {"wrong" if wrong else "right"}">{mark}: true '
                    f"{html.escape(names.get(truth, f'class {truth}'))}</div>")  # fmt: skip
     rows = "".join(
-        f"<tr><td>{html.escape(a['name'])}{' (instead)' if a.get('role') == 'instead' else ''}</td>"
+        f"<tr><td>{html.escape(a['name'])}{ROLE_NOTE.get(a.get('role', ''), '')}</td>"
         f"<td class='num'>{a['probability']:.2f}</td><td class='num'>{a['contribution']:+.2f}</td></tr>"
         for a in attrs
     )

@@ -20,9 +20,13 @@ The rule (documented in the README, section "Explanation"):
    (``class_attributes[class, a] >= 0.5``) that the model finds absent is reported after the
    reasons (at most ``explain.max_contrasts``), together with what the image shows instead in
    the same group: "…, although it has a black top rather than a white top".
-4. **Grouped for reading.** Attributes of one group are joined ("bill shape: dagger and
+4. **What argues against the class, said as such.** An attribute the model sees in this image
+   that the predicted class usually lacks (``class_attributes[class, a] < 0.5``) and that is
+   not named already is said after the reasons: "…, although it has a cross shape". An unusual
+   image is explained by what it shows, never by silently leaving it out.
+5. **Grouped for reading.** Attributes of one group are joined ("bill shape: dagger and
    needle"); plain names read with an article ("a red body").
-5. **A warning when the attributes cannot be trusted.** A model whose validation attribute
+6. **A warning when the attributes cannot be trusted.** A model whose validation attribute
    accuracy is near chance (:func:`attribute_check`) gets a flag in every explanation.
 """
 
@@ -45,10 +49,20 @@ def attribute_contributions(model: EATModel, features: torch.Tensor, classes: to
     ``features`` is the ``[B, C, H, W]`` feature map; the contribution of attribute ``a`` to class
     ``c`` is ``(g_c · û_a)(û_a · f)`` with ``f`` the pooled features, ``g_c`` the class score's
     gradient at ``f`` and ``û_a`` the attribute logit's unit gradient (for linear heads: the
-    weight rows). See the module docstring for why.
+    weight rows; for a spatial head: its 1x1 convolution's rows, and ``f`` the features of the
+    cells where the attribute is seen, weighted by its positive map). See the module docstring.
     """
-    pooled = features.float().mean(dim=(2, 3))
-    w_class, w_attr = linear_weight(model.class_head), linear_weight(model.attr_head)
+    features = features.float()
+    pooled = model.class_input(features)  # what the class head reads
+    w_class, w_attr = linear_weight(model.class_head), model.attribute_directions()
+    if model.spatial and w_class is not None and w_attr is not None:
+        # A spatial head sees an attribute in some cells only: f is then the features of the
+        # cells where it is seen (weighted by its positive map), not the mean over the image.
+        seen = model.attr_head.maps(features).relu()  # type: ignore[operator]
+        seen = seen / seen.flatten(2).sum(2).clamp(min=1e-12)[:, :, None, None]
+        unit = w_attr.float() / w_attr.float().norm(dim=1, keepdim=True).clamp(min=1e-12)  # [A, C]
+        along = torch.einsum("bahw,bchw,ac->ba", seen, features, unit)  # û_a · f_a
+        return (w_class.float()[classes] @ unit.T) * along
     if w_class is not None and w_attr is not None:
         g_class = w_class.float()[classes]  # [B, C]
         unit = w_attr.float() / w_attr.float().norm(dim=1, keepdim=True).clamp(min=1e-12)  # [A, C]
@@ -70,7 +84,9 @@ class Named:
     """One attribute the text names: its index, why it is named, and (for a contrast) what it replaces."""
 
     index: int
-    role: str  # "supports": a reason for the class; "instead": shown where a characteristic one is missing
+    # "supports": a reason for the class; "instead": shown where a characteristic one is missing;
+    # "against": shown although the class usually lacks it
+    role: str
     instead_of: int | None = None
 
 
@@ -90,7 +106,8 @@ def choose_attributes(
     characteristic ones that are not reasons already (role "instead"). ``contrasts`` pairs each
     of up to ``max_contrasts`` characteristic attributes of the class that the image lacks
     (``p <= threshold``; most characteristic first) with the most probable present attribute of
-    its group, or None when the group shows nothing.
+    its group, or None when the group shows nothing. Last come the present attributes the class
+    usually lacks that are not named yet (role "against", most probable first).
     """
     present = [a for a, p in enumerate(probs) if p > threshold]
     supports = sorted((a for a in present if contributions[a] > 0), key=lambda a: -contributions[a])[:top_k]
@@ -107,6 +124,10 @@ def choose_attributes(
             if best is not None and best not in taken:
                 named.append(Named(best, "instead", instead_of=a))
                 taken.add(best)
+    if class_row is not None:
+        taken = {n.index for n in named}
+        unusual = [a for a in present if class_row[a] < CHARACTERISTIC and a not in taken]
+        named += [Named(a, "against") for a in sorted(unusual, key=lambda a: -probs[a])]
     return named, contrasts
 
 
@@ -155,13 +176,15 @@ def explanation_text(
     contrasts: list[tuple[str, str | None]] | None = None,
     groups: list[str | None] | None = None,
     warning: str | None = None,
+    against: list[str] | None = None,
 ) -> str:
     """Return e.g. ``"red disc (94%): because it has a red body and a striped pattern"``.
 
     ``attribute_names`` are the reasons, best first (``groups`` gives each one's group, to join
     values of one group); ``contrasts`` are (characteristic attribute the image lacks, what it
     shows instead or None), said after the reasons ("although it has a black top rather than a
-    white top"); ``warning`` is appended in brackets.
+    white top"); ``against`` are attributes the image shows that the class usually lacks
+    ("although it has a cross shape"); ``warning`` is appended in brackets.
     """
     text = f"{class_name} ({confidence:.0%})"
     if attribute_names:
@@ -179,6 +202,9 @@ def explanation_text(
             clauses.append(f"its {group} is {_value(shown, None)}, not {lacked_value}")
         else:
             clauses.append(f"it has {_phrase(shown)} rather than {_phrase(lacked)}")
+    if against:
+        shown = _join([_phrase(name) for name in against])
+        clauses.append(f"it also has {shown}" if clauses else f"it has {shown}")
     if clauses:
         text += (", although " if attribute_names else ": although ") + " and ".join(clauses)
     if warning:

@@ -139,15 +139,19 @@ class AttributeScores(Metric):
     probs: list[Tensor]
     positive: list[Tensor]
     mask: list[Tensor]
+    labels: list[Tensor]
 
     def __init__(self, num_attributes: int, threshold: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_attributes, self.threshold = num_attributes, threshold
-        for name in ("probs", "positive", "mask"):
+        for name in ("probs", "positive", "mask", "labels"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, probs: Tensor, truth: Tensor, mask: Tensor | None = None) -> None:
-        """Add a batch: ``probs``, ``truth`` and ``mask`` of shape ``[B, A]`` (no mask: all entries count)."""
+    def update(self, probs: Tensor, truth: Tensor, mask: Tensor | None = None, labels: Tensor | None = None) -> None:
+        """Add a batch: ``probs``, ``truth`` and ``mask`` of shape ``[B, A]`` (no mask: all entries count),
+        and optionally the ``[B]`` true classes (for the on/off-prototype split, :meth:`entries`)."""
+        if labels is not None:
+            self.labels.append(labels.detach().reshape(-1).float())
         probs = probs.detach().reshape(-1, self.num_attributes).float()
         self.probs.append(probs.flatten())
         self.positive.append((truth.detach().reshape(probs.shape) > 0.5).float().flatten())
@@ -175,7 +179,15 @@ class AttributeScores(Metric):
                 ap[k] = binary_average_precision(p, y, thresholds=None, validate_args=False)
                 if fp + tn > 0:
                     auc[k] = binary_auroc(p, y, thresholds=None, validate_args=False)
-        return {"ap": ap, "auc": auc, "stats": stats}
+        labels = dim_zero_cat(self.labels).double().cpu() if len(self.labels) else torch.zeros(0, dtype=torch.float64)
+        return {"ap": ap, "auc": auc, "stats": stats, "probs": probs, "positive": positive, "mask": mask,
+                "labels": labels}  # fmt: skip
+
+    def entries(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return every rank's entries: ``[N, A]`` probabilities, 0/1 labels and mask, and the ``[N]``
+        true classes (empty unless every ``update`` passed them)."""
+        result = self.compute()
+        return result["probs"], result["positive"], result["mask"], result["labels"]
 
     def table(self, names: Sequence[str], groups: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
         """Return the table of :func:`attribute_table` from the entries seen (on every rank)."""

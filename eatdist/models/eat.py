@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eatdist.errors import BackboneError
+from eatdist.errors import BackboneError, ConfigError
+from eatdist.models.heads import HeadOptions, SpatialAttributeHead, attribute_cell_weights
 
 
 class EATOutput(NamedTuple):
@@ -65,7 +66,8 @@ class EATModel(nn.Module):
     """Class and attribute prediction from one backbone.
 
     ``forward`` returns :class:`EATOutput`. With linear heads (the default), Grad-CAM of any
-    class or attribute is the closed-form CAM of :mod:`eatdist.explain.cam`.
+    class or attribute is the closed-form CAM of :mod:`eatdist.explain.cam`; ``head`` chooses
+    another attribute head (:mod:`eatdist.models.heads`).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class EATModel(nn.Module):
         head_hidden: int = 0,
         dropout: float = 0.0,
         backbone_name: str = "",
+        head: HeadOptions | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -85,12 +88,46 @@ class EATModel(nn.Module):
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
         grid = getattr(backbone, "grid_size", None)
         self.grid_size = tuple(grid) if grid is not None else None
+        self.head = head or HeadOptions()
+        if self.head.spatial and head_hidden > 0:
+            raise ConfigError("config key 'model.head_hidden': a spatial attribute head has no hidden layer; use 0")
         self.class_head = make_head(self.num_features, num_classes, head_hidden, dropout)
-        self.attr_head = make_head(self.num_features, num_attributes, head_hidden, dropout)
+        self.attr_head: nn.Module
+        if self.head.spatial:
+            self.attr_head = SpatialAttributeHead(
+                self.num_features, num_attributes, self.head.attr_pool, self.head.attr_topk, dropout
+            )
+        else:
+            self.attr_head = make_head(self.num_features, num_attributes, head_hidden, dropout)
 
     @property
     def linear_heads(self) -> bool:
+        """Both heads linear over the global average pool (the closed-form CAM holds)."""
         return linear_weight(self.class_head) is not None and linear_weight(self.attr_head) is not None
+
+    @property
+    def spatial(self) -> bool:
+        """The attribute head gives one map per attribute (:class:`SpatialAttributeHead`)."""
+        return isinstance(self.attr_head, SpatialAttributeHead)
+
+    def attribute_directions(self) -> torch.Tensor | None:
+        """Return each attribute's ``[A, C]`` direction in feature space, or None for an MLP head."""
+        if isinstance(self.attr_head, SpatialAttributeHead):
+            return self.attr_head.weight
+        return linear_weight(self.attr_head)
+
+    def cell_weights(self, attr_maps: torch.Tensor) -> torch.Tensor | None:
+        """Return the ``[B, H, W]`` weights the class head pools with, or None for the plain mean."""
+        return attribute_cell_weights(attr_maps) if self.head.class_pool == "attributes" else None
+
+    def class_input(self, features: torch.Tensor, attr_maps: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the ``[B, C]`` vector the class head reads: the mean of the cells, or their attribute-weighted sum."""
+        if self.head.class_pool == "attributes":
+            if attr_maps is None:
+                attr_maps = self.attr_head.maps(features)
+            weights = attribute_cell_weights(attr_maps).to(features.dtype)
+            return torch.einsum("bchw,bhw->bc", features, weights)
+        return features.mean(dim=(2, 3))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Return the backbone's features as ``[B, C, H, W]``.
@@ -118,7 +155,10 @@ class EATModel(nn.Module):
         return features
 
     def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pool a ``[B, C, H, W]`` map and apply both heads."""
+        """Pool a ``[B, C, H, W]`` map and apply both heads; return (class logits, attribute logits)."""
+        if isinstance(self.attr_head, SpatialAttributeHead):
+            maps = self.attr_head.maps(features)
+            return self.class_head(self.class_input(features, maps)), self.attr_head.pool(maps)
         pooled = features.mean(dim=(2, 3))
         return self.class_head(pooled), self.attr_head(pooled)
 
@@ -137,6 +177,7 @@ def eat_loss(
     attr_loss: str = "bce",
     weight: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    entry_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Return (total loss, parts): cross-entropy + ``attr_weight`` × attribute loss.
 
@@ -145,7 +186,9 @@ def eat_loss(
     ``attr_weight == 0`` is the plain classifier baseline; ``label_smoothing`` softens the
     class targets (timm's and torch's meaning). ``weight`` (1 per image, 0 for a
     stand-in of an unusable sample) leaves images out of both averages; a batch of stand-ins only
-    gives a zero loss (and zero gradients), so its rank still joins the step.
+    gives a zero loss (and zero gradients), so its rank still joins the step. ``entry_weight``
+    (``[B, A]``, see :func:`off_prototype_weights`) scales each attribute entry's loss; the
+    average still divides by the annotated entries, so weights above 1 add emphasis.
     """
     if weight is None:
         ce = F.cross_entropy(out.class_logits.float(), labels, label_smoothing=label_smoothing)
@@ -160,8 +203,22 @@ def eat_loss(
         per_entry = (torch.sigmoid(logits) - attributes) ** 2
     else:
         raise ValueError(f"attr_loss must be 'bce' or 'mse', got {attr_loss!r}")
-    attr = (per_entry * attr_mask).sum() / attr_mask.sum().clamp(min=1.0)
+    weighted = per_entry * attr_mask if entry_weight is None else per_entry * attr_mask * entry_weight
+    attr = weighted.sum() / attr_mask.sum().clamp(min=1.0)
     # With attr_weight 0 the attribute head still joins the graph (times zero), so DDP sees every
     # parameter used and the baseline needs no find_unused_parameters.
     total = ce + attr_weight * attr
     return total, {"ce": ce.detach(), "attr": attr.detach()}
+
+
+def off_prototype_weights(
+    labels: torch.Tensor, attributes: torch.Tensor, prototypes: torch.Tensor, off_weight: float
+) -> torch.Tensor:
+    """Return ``[B, A]`` loss weights: 1 where an image agrees with its class's prototype, ``off_weight`` where not.
+
+    ``prototypes`` is the ``[C, A]`` class × attribute matrix (``class_attributes``); an
+    attribute is in a class's prototype at 0.5 or more. Off-prototype entries are the few (8 %
+    of the groups on the synthetic corpus) where only the image, not the class, tells the answer.
+    """
+    off = (attributes > 0.5) != (prototypes[labels] >= 0.5)
+    return 1.0 + (off_weight - 1.0) * off.to(attributes.dtype)

@@ -22,6 +22,7 @@ from eatdist.atomic import atomic_path
 from eatdist.data.pipeline import Preprocess
 from eatdist.errors import EatdistError, ModelPackageError
 from eatdist.models.eat import EATModel
+from eatdist.models.heads import HeadOptions
 from eatdist.models.hub import download_package, is_hub_name
 from eatdist.models.registry import create_backbone
 
@@ -51,6 +52,8 @@ class PackageMeta:
     # URL or a file), revision (the Hub commit) and file; empty when training started from scratch.
     pretrained: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
+    # the attribute-head design (HeadOptions); packages written before it have linear heads
+    head: dict[str, Any] = field(default_factory=dict)
 
 
 def build_model(
@@ -62,8 +65,9 @@ def build_model(
     dropout: float = 0.0,
     pretrained_path: str | None = None,
     pretrained: bool = False,
+    head: HeadOptions | None = None,
 ) -> EATModel:
-    """Create the backbone through the registry and put the EAT heads on it.
+    """Create the backbone through the registry and put the EAT heads on it (``head``: linear by default).
 
     ``pretrained`` asks the backbone's plugin for its pretrained weights (timm: the Hub through
     the Hugging Face cache); ``pretrained_path`` gives it a local weights file instead.
@@ -74,7 +78,7 @@ def build_model(
     if pretrained:
         kwargs["pretrained"] = True
     module = create_backbone(backbone, **kwargs)
-    return EATModel(module, num_classes, num_attributes, head_hidden, dropout, backbone_name=backbone)
+    return EATModel(module, num_classes, num_attributes, head_hidden, dropout, backbone_name=backbone, head=head)
 
 
 def weights_source(model: EATModel) -> dict[str, str]:
@@ -173,8 +177,9 @@ def load_package(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise ModelPackageError(f"{path} is not a complete eatdist model package (no {WEIGHTS_FILE})")
     try:
         model = build_model(
-            meta.backbone, meta.backbone_args, len(meta.classes), len(meta.attributes), meta.head_hidden
-        )
+            meta.backbone, meta.backbone_args, len(meta.classes), len(meta.attributes), meta.head_hidden,
+            head=HeadOptions.from_json(meta.head),
+        )  # fmt: skip
     except EatdistError as exc:
         raise ModelPackageError(f"model package {path}: {exc}") from None
     try:

@@ -13,6 +13,7 @@ from eatdist.config import Config
 from eatdist.data.corpus import DatasetInfo
 from eatdist.errors import EatdistError
 from eatdist.metrics.attributes import AttributeScores
+from eatdist.metrics.prototype import prototype_metrics
 from eatdist.models.eat import EATModel, eat_loss
 from eatdist.train.batches import Batches
 from eatdist.train.scale import zero_stage
@@ -59,10 +60,12 @@ class Evaluator:
             _, parts = eat_loss(out, batch["label"], batch["attributes"], mask, 0.0, cfg.loss.attr_loss)
             sums[5] += parts["ce"] * n
             sums[6] += parts["attr"] * mask.sum()
-            scores.update(out.attr_logits.float().sigmoid(), batch["attributes"], mask)
+            scores.update(out.attr_logits.float().sigmoid(), batch["attributes"], mask, batch["label"])
         sums = acc.reduce(sums, "sum")
         self._check_counted(split, int(sums[1]), int(sums[4]))
         table = scores.table(self.info.attributes, self.info.attribute_groups)
+        probs, truth, kept, labels = (t.numpy() for t in scores.entries())
+        prototype = prototype_metrics(probs, truth, kept, labels, self.info.class_attributes)
         samples, annotated = sums[1].clamp(min=1), sums[3].clamp(min=1)
         metrics = {
             f"{split}_top1": float(sums[0] / samples),
@@ -73,6 +76,8 @@ class Evaluator:
             f"{split}_samples": int(sums[1]),
             f"{split}_skipped": int(sums[4]),
         }
+        # on/off-prototype accuracy and AP: does the attribute head read the image or repeat the class?
+        metrics.update({f"{split}_{k}": v for k, v in prototype.items()})
         return metrics, table
 
     def _check_counted(self, split: str, samples: int, skipped: int) -> None:

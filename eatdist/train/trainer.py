@@ -33,7 +33,9 @@ from eatdist.data.plan import Phase
 from eatdist.data.remote import redact
 from eatdist.errors import ConfigError
 from eatdist.metrics.attributes import summary_line
-from eatdist.models.eat import EATModel, eat_loss
+from eatdist.metrics.prototype import prototype_line
+from eatdist.models.eat import EATModel, eat_loss, off_prototype_weights
+from eatdist.models.heads import HeadOptions
 from eatdist.models.package import PackageMeta, backbone_preprocess, build_model, save_package, weights_source
 from eatdist.store import require_local
 from eatdist.train.batches import Batches
@@ -90,6 +92,12 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return acc
 
 
+def head_options(cfg: Config) -> HeadOptions:
+    """The attribute-head design ``cfg.model`` asks for (raises ConfigError for a bad combination)."""
+    m = cfg.model
+    return HeadOptions(m.attr_head, m.attr_pool, m.attr_topk, m.class_pool)
+
+
 def _validate(cfg: Config) -> None:
     for key, value in (
         ("data.batch_size", cfg.data.batch_size),
@@ -110,6 +118,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.keep_checkpoints': must be at least 1")
     if cfg.train.log_images < 0:
         raise ConfigError("config key 'train.log_images': must be >= 0")
+    if cfg.loss.off_prototype_weight <= 0:
+        raise ConfigError(f"config key 'loss.off_prototype_weight': must be > 0, got {cfg.loss.off_prototype_weight}")
+    head_options(cfg)
     if not 0.0 <= cfg.loss.label_smoothing < 1.0:
         raise ConfigError(f"config key 'loss.label_smoothing': must be in [0, 1), got {cfg.loss.label_smoothing}")
     best_metric(cfg)
@@ -162,6 +173,7 @@ class Trainer:
             cfg.model.dropout,
             cfg.model.pretrained_path,
             cfg.model.pretrained,
+            head_options(cfg),
         )
         self.weights_source = weights_source(model)
         model = apply_model_options(model, cfg)
@@ -206,6 +218,7 @@ class Trainer:
         self.watch = PreemptionWatch(distributed=acc.num_processes > 1 and torch.distributed.is_initialized())
         self.logger: MetricsLogger | None = None
         self.evaluator = Evaluator(cfg, self.info, acc, self.batches)
+        self._prototypes: torch.Tensor | None = None  # class_attributes on the device, for the loss weights
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -341,6 +354,7 @@ class Trainer:
                 cfg.loss.attr_loss,
                 weight=batch["weight"],
                 label_smoothing=cfg.loss.label_smoothing,
+                entry_weight=self._entry_weights(batch),
             )
             acc.backward(loss)
             if acc.sync_gradients:
@@ -356,6 +370,15 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(acc.unwrap_model(self.model), self.global_step)
         return loss.detach()
+
+    def _entry_weights(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Attribute loss weights with ``loss.off_prototype_weight``; None without emphasis or a prototype matrix."""
+        weight, prototypes = self.cfg.loss.off_prototype_weight, self.info.class_attributes
+        if weight == 1.0 or prototypes is None:
+            return None
+        if self._prototypes is None:
+            self._prototypes = torch.tensor(prototypes, dtype=torch.float32, device=batch["attributes"].device)
+        return off_prototype_weights(batch["label"], batch["attributes"].float(), self._prototypes, weight)
 
     def train_epoch(self) -> dict[str, float] | None:
         """Run the rest of the current epoch; return its metrics, or None when preempted."""
@@ -546,6 +569,7 @@ class Trainer:
         )
         if split in self.attribute_tables:
             self.accelerator.print(f"{split} attributes: {summary_line(self.attribute_tables[split])}")
+        self.accelerator.print(f"{split}: {prototype_line(metrics, f'{split}_')}")
 
     def _keep_best(self, metrics: dict[str, Any]) -> None:
         """Export ``<run>/model_best`` when this epoch beats the best so far on ``train.keep_best``."""
@@ -593,6 +617,7 @@ class Trainer:
             backbone=cfg.model.backbone,
             backbone_args=dict(cfg.model.backbone_args),
             head_hidden=cfg.model.head_hidden,
+            head=head_options(cfg).to_json(),
             classes=self.info.classes,
             attributes=self.info.attributes,
             attribute_groups=self.info.attribute_groups,
@@ -621,7 +646,7 @@ class Trainer:
             cfg = self.cfg
             model = build_model(
                 cfg.model.backbone, cfg.model.backbone_args, self.info.num_classes, self.info.num_attributes,
-                cfg.model.head_hidden,
+                cfg.model.head_hidden, head=head_options(cfg),
             )  # fmt: skip
             # torch.compile's wrapper prefixes every name with _orig_mod.
             state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
