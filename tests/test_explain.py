@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -177,8 +178,11 @@ def test_killed_explain_rerun_explains_every_key_exactly_once(tmp_path, package)
     deadline = time.time() + 120
     while time.time() < deadline and (len(list(out.glob("*.tar"))) < 2 or not list(out.glob(".*.tmp"))):
         time.sleep(0.01)
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # loader workers and encoding processes
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(helpers, timeout=20)
+    assert not alive, f"processes of the killed job still running: {[p.pid for p in alive]}"
     finished = sorted(out.glob("*.tar"))
     assert 2 <= len(finished) < 8, "the kill should land part-way"
     for shard in finished:  # no partial shard under a final name

@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
+import os
 import tarfile
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -174,6 +176,15 @@ _WORKER: tuple[PackageMeta, Outputs] | None = None
 def _init_worker(meta: PackageMeta, outputs: Outputs) -> None:
     global _WORKER
     _WORKER = (meta, outputs)
+    # A SIGKILLed explain process cannot stop its encoders, and they would wait for work forever
+    # (each holds the task queue open itself): they leave when their parent is gone.
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _encode_in_worker(task: EncodeTask) -> Encoded:

@@ -110,9 +110,7 @@ class ShardWriterThread:
     Shards and reports are published through ``store``.
     """
 
-    def __init__(
-        self, meta: PackageMeta, cfg: ExplainConfig, store: Store, device: torch.device | None = None
-    ) -> None:
+    def __init__(self, meta: PackageMeta, cfg: ExplainConfig, store: Store, device: torch.device | None = None) -> None:
         self.meta, self.outputs, self.store = meta, Outputs.from_config(cfg), store
         self.device = device or torch.device("cpu")
         self.on_device = draws_on_device(cfg, self.device)
