@@ -89,9 +89,9 @@ class ModelConfig:
     # cells, attention); class_pool "attributes" makes the class head read the cells the
     # attribute maps light up instead of the plain mean (spatial heads only).
     attr_head: Literal["linear", "spatial"] = "linear"
-    attr_pool: Literal["max", "topk", "attention"] = "max"
-    attr_topk: int = 4
-    class_pool: Literal["mean", "attributes"] = "mean"
+    attr_pool: Literal["max", "topk", "attention"] = "max"  # how a spatial head pools its maps to logits
+    attr_topk: int = 4  # cells averaged by attr_pool "topk"
+    class_pool: Literal["mean", "attributes"] = "mean"  # "attributes": class head pools through the maps
     dropout: float = 0.0
     grad_checkpointing: bool = False
     channels_last: bool = False
@@ -219,7 +219,7 @@ class ExplainConfig:
     # began on this machine, "ray://host:10001" = through Ray Client); actors (0 = as many as the
     # cluster's resources fit); each actor's share.
     ray_address: str = ""
-    ray_actors: int = 0
+    ray_actors: int = 0  # 0: as many as the cluster's resources fit
     ray_cpus_per_actor: float = 0.0  # 0: one core plus one per loader worker
     ray_gpus_per_actor: float = 1.0  # used where the cluster has GPUs; 0 runs CPU actors
 

@@ -81,7 +81,8 @@ MORE: dict[str, str] = {
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """Return each field's comment: the ``#`` lines just above it in the class body, joined."""
+    """Return each field's comment: the ``#`` lines just above it in the class body, joined, else
+    the comment at the end of its own line."""
     comments: dict[str, str] = {}
     pending: list[str] = []
     for line in inspect.getsource(cls).splitlines()[1:]:
@@ -91,7 +92,8 @@ def field_comments(cls: type) -> dict[str, str]:
             continue
         match = FIELD.match(line)
         if match and not stripped.startswith(("def ", "@")):
-            comments[match.group(1)] = " ".join(pending)
+            trailing = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+            comments[match.group(1)] = " ".join(pending) or trailing
         pending = []
     return comments
 
