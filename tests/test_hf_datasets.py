@@ -64,7 +64,10 @@ def test_a_corpus_loads_with_every_annotation(corpus, tmp_path):
 def test_an_explanation_output_loads_with_its_maps(corpus, tmp_path):
     torch.manual_seed(0)
     package = untrained_package(corpus, tmp_path)
-    run_explain(package, str(corpus.root / "test-*.tar"), tmp_path / "expl", ExplainConfig(num_workers=0))
+    every_part = ["json", "txt", "heatmaps.npy", "image", "overlay", "attr_maps"]  # pictures too, not only the default
+    run_explain(
+        package, str(corpus.root / "test-*.tar"), tmp_path / "expl", ExplainConfig(num_workers=0, outputs=every_part)
+    )
     shards = sorted(str(p) for p in (tmp_path / "expl").glob("*.tar"))
     raw = shard_samples(shards)
     members = {m for s in raw.values() for m in s if not m.startswith("__")}
