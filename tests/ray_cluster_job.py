@@ -104,7 +104,9 @@ def main() -> None:
 
     def explain(output: str, log: Path) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "eatdist", "explain", "--engine", "ray", "--model", spec["package"], "--input",
-               spec["corpus"], "--output", output, "explain.batch_size=4", "explain.num_workers=0"]  # fmt: skip
+               spec["corpus"], "--output", output, "explain.batch_size=4", "explain.num_workers=0",
+               # every picture: shards long enough for the kills below to land while actors work
+               "explain.outputs=[json, txt, heatmaps.npy, image, overlay, attr_maps]"]  # fmt: skip
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
 
     def finish(proc: subprocess.Popen, log: Path) -> dict:

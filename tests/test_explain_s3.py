@@ -17,36 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cpu_env, free_port, untrained_package, write_corpus
+from conftest import REPO, cpu_env, moto_s3, untrained_package, write_corpus
 from eatdist.cli.main import main
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
 from eatdist.store import open_store
 
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret-never-printed",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
 
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server with an empty ``bucket``; yields the client environment."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = dict(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket="bucket")
+    with moto_s3() as env:
         yield env
-    server.stop()
 
 
 @pytest.fixture(scope="module")

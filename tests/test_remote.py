@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 import webdataset as wds
 
-from conftest import TINY_TRAIN, accelerate_launch, cpu_env, free_port, run, write_corpus
+from conftest import TINY_TRAIN, accelerate_launch, cpu_env, moto_s3, run, write_corpus
 from eatdist.data.check import check_corpus
 from eatdist.data.corpus import load_dataset_info
 from eatdist.data.inputs import resolve_shards
@@ -145,33 +145,16 @@ def http(served: ShardServer) -> ShardServer:
     return served
 
 
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret-never-printed",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
 @pytest.fixture(scope="module")
 def s3(served: ShardServer) -> Iterator[dict[str, str]]:
     """moto's S3 server with ``s3://bucket/corpus`` (the same corpus); yields the client environment."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = dict(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
+    with moto_s3() as env:
         import boto3
 
         client = boto3.client("s3")
-        client.create_bucket(Bucket="bucket")
         for file in sorted((served.root / "corpus").iterdir()):
             client.upload_file(str(file), "bucket", f"corpus/{file.name}")
         yield env
-    server.stop()
 
 
 def keys(samples) -> list[str]:
