@@ -153,6 +153,22 @@ def test_status_reports_done_claimed_remaining_and_exit_codes(tmp_path, package)
     assert partial.returncode == 1 and "not complete" in partial.stdout
 
 
+def test_claims_left_on_published_shards_are_swept_once_stale(tmp_path, package):
+    # an owner killed between publishing its shard and releasing its claim leaves the claim behind
+    corpus = write_corpus(tmp_path / "c", {"test": [2, 2]})
+    out = tmp_path / "out"
+    cfg = ExplainConfig(num_workers=0, lease_s=2.0)
+    run_explain(str(package), str(corpus.root), str(out), cfg)
+    board = ClaimBoard(out, cfg.lease_s)
+    old = foreign_claim(board, "test-000000.tar", age_s=30)
+    fresh = foreign_claim(board, "test-000001.tar", age_s=0)
+    started = time.time()
+    run_explain(str(package), str(corpus.root), str(out), cfg)
+    assert not old.exists() and not fresh.exists()
+    assert time.time() - started >= 1.5  # the fresh one was given its lease before it was judged dead
+    assert keys_of(sorted(out.glob("*.tar"))) == keys_of(sorted(corpus.root.glob("*.tar")))
+
+
 def test_other_inputs_into_a_running_jobs_folder_are_refused(tmp_path, package):
     a = write_corpus(tmp_path / "a", {"test": [2]})
     b = write_corpus(tmp_path / "b", {"val": [2]})

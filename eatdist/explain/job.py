@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,7 @@ class JobView:
     claimed: list[tuple[str, ClaimState]]
     failed: list[tuple[str, str, float]]  # input, reason, when (the store's clock)
     remaining: list[str]
+    leftover: list[ClaimState] = field(default_factory=list)  # claims on done shards (owner killed before release)
 
 
 def view_job(out: str | Path | Store, inputs: list[str], board: ClaimBoard, owners: bool | None = None) -> JobView:
@@ -164,6 +165,8 @@ def view_job(out: str | Path | Store, inputs: list[str], board: ClaimBoard, owne
         name = output_name(url)
         if name in present:
             view.done.append(url)
+            if name in claims:
+                view.leftover.append(claims[name])
         elif name in claims:
             view.claimed.append((url, claims[name]))
         elif name + FAILED in reports:
@@ -255,13 +258,23 @@ class ExplainJob:
                 continue
             self.work.drain()
             view = self._view()
-            if not view.remaining and not view.claimed:
+            if not view.remaining and not view.claimed and not self._sweep(view.leftover):
                 return
-            if not view.remaining and not waiting:
+            if not view.remaining and view.claimed and not waiting:
                 owners = sorted({s.label for _, s in view.claimed})
                 log.info("waiting for %d shard(s) claimed by %s", len(view.claimed), ", ".join(owners))
             waiting = True
             time.sleep(min(5.0, max(0.05, self.cfg.lease_s / 10)))
+
+    def _sweep(self, leftover: list[ClaimState]) -> bool:
+        """Delete stale claims on published shards (their owner died before releasing); True while live ones remain."""
+        now, live = self.board.now(), False
+        for state in leftover:
+            if self.board.is_stale(state, now):
+                self.store.delete(state.key)
+            else:
+                live = True
+        return live
 
     def _view(self) -> JobView:
         view = view_job(self.store, self.inputs, self.board)
