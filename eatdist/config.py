@@ -108,6 +108,9 @@ class LossConfig:
     # Weight of the attribute entries where an image departs from its class's prototype
     # (class_attributes >= 0.5): the few entries only the image can answer. 1: no emphasis.
     off_prototype_weight: float = 1.0
+    # Weight of the localisation loss: each attribute map's softmax mass kept inside the
+    # attribute's box (``attr_boxes`` of the records; needs model.attr_head=spatial). 0: off.
+    localisation_weight: float = 0.0
 
 
 @dataclass

@@ -91,7 +91,8 @@ DEMO_RECIPE = [
     "train.epochs=6",
     "model.attr_head=spatial",
     "model.class_pool=attributes",
-    "loss.off_prototype_weight=5",
+    "loss.off_prototype_weight=10",
+    "loss.localisation_weight=1",
 ]
 # The demo is for people: its explanations hold every picture (bulk jobs default to none).
 DEMO_OUTPUTS = "explain.outputs=[json, txt, heatmaps.npy, image, overlay, attr_maps]"

@@ -80,7 +80,7 @@ def build_transform(
     return v2.Compose(steps)
 
 
-def _image_ext(sample: dict[str, Any]) -> str:
+def image_ext(sample: dict[str, Any]) -> str:
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         raise BadSample(f"no image ({'/'.join(IMAGE_EXTENSIONS)})")
@@ -93,7 +93,7 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
     Raises:
         BadSample: when there is no image or it cannot be decoded.
     """
-    ext = _image_ext(sample)
+    ext = image_ext(sample)
     try:
         with Image.open(io.BytesIO(sample[ext])) as img:
             return img.convert("RGB")
@@ -110,7 +110,7 @@ def decode_tensor(sample: dict[str, Any], target: int | None = None, decoder: De
     ``decoder="pil"`` decodes everything with PIL at full size. Raises:
         BadSample: when there is no image or it cannot be decoded.
     """
-    ext = _image_ext(sample)
+    ext = image_ext(sample)
     data = sample[ext]
     if decoder == "pil" or ext not in ("jpg", "jpeg"):
         return _to_tensor(decode_image(sample))
@@ -135,7 +135,7 @@ def jpeg_bytes(sample: dict[str, Any]) -> torch.Tensor | None:
     Raises:
         BadSample: when the sample has no image.
     """
-    ext = _image_ext(sample)
+    ext = image_ext(sample)
     data = sample[ext]
     if ext not in ("jpg", "jpeg") or not data.startswith(b"\xff\xd8"):
         return None

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from eatdist.data.boxes import as_fractions, image_extent, record_boxes, to_decoded
 from eatdist.data.corpus import DatasetInfo
 from eatdist.data.decode import (  # noqa: F401  (BadSample, Preprocess and decode_image are re-exported)
     BadSample,
@@ -180,6 +181,7 @@ class ShardStream(IterableDataset):
         retries: int | None = None,
         decoder: Decoder = "auto",
         decode_device: str = "cpu",
+        boxes: bool = False,
     ) -> None:
         super().__init__()
         self.shards = list(zip(info.shard_paths(split), [s.samples for s in info.shards(split)], strict=True))
@@ -189,6 +191,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.train = batch_size, train
         self.rank, self.world, self.workers = rank, world, max(1, num_workers)
         self.seed, self.retries, self.decoder, self.decode_device = seed, retries, decoder, decode_device
+        self.boxes = boxes  # attribute boxes in each batch (attr_boxes, box_mask), for the localisation loss
         # Batches leave the workers as uint8; Preprocess.normalize finishes the job on the device.
         self.transform = build_transform(preprocess, train, crop_scale_min, normalize=False)
         self.phase = Phase(world, self.workers, batch_size, step_multiple, max(1, shuffle_buffer))
@@ -251,7 +254,15 @@ class ShardStream(IterableDataset):
             return item
         if self.train:  # augmentation drawn from the sample's own seed: resumable, order-free
             torch.default_generator.manual_seed(seed)  # the CPU generator alone: cheap
-        item["image"] = self.transform(tensor)
+        if not self.boxes:
+            item["image"] = self.transform(tensor)
+            return item
+        found = record_boxes(sample, self.num_attributes)
+        extent = image_extent(sample) if found else None
+        stored = extent or (tensor.shape[2], tensor.shape[1])
+        boxes = to_decoded(found if extent else {}, self.num_attributes, stored, (tensor.shape[1], tensor.shape[2]))
+        item["image"], moved = self.transform(tensor, boxes)  # the same crop and flip for both
+        item["boxes"], item["box_mask"] = as_fractions(moved, self.image_size)
         return item
 
     def _role_items(self, role: int, first_block: int, tally: SkipTally) -> Iterator[tuple[int, Any]]:
@@ -342,6 +353,19 @@ class ShardStream(IterableDataset):
             "skipped": sum(skipped),
             "skipped_by": torch.tensor(skipped, dtype=torch.long),
             **self._device_decoding(filled),
+            **self._boxes(items, filled),
+        }
+
+    def _boxes(self, items: list[dict[str, Any] | None], filled: list[dict[str, Any]]) -> dict[str, Any]:
+        """The ``[B, A, 4]`` attribute boxes (fractions of the input side) and ``[B, A]`` mask, if asked for."""
+        if not self.boxes:
+            return {}
+        none = [[0.0] * 4] * self.num_attributes
+        return {
+            "attr_boxes": torch.tensor([it.get("boxes", none) for it in filled]).view(-1, self.num_attributes, 4),
+            "box_mask": torch.tensor(
+                [it.get("box_mask", [0.0] * self.num_attributes) if it else [0.0] * self.num_attributes for it in items]
+            ).view(-1, self.num_attributes),
         }
 
     def _device_decoding(self, filled: list[dict[str, Any]]) -> dict[str, Any]:

@@ -211,6 +211,40 @@ def eat_loss(
     return total, {"ce": ce.detach(), "attr": attr.detach()}
 
 
+def localisation_loss(
+    maps: torch.Tensor,
+    boxes: torch.Tensor,
+    box_mask: torch.Tensor,
+    attributes: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return how far the attribute maps lie outside the attributes' boxes (``loss.localisation_weight``).
+
+    Each map's cells are a softmax distribution; the loss is the mean, over attributes an image
+    shows (label > 0.5) and has a box for (``box_mask``), of ``-log`` of the share of that
+    distribution inside the box. ``boxes`` is ``[B, A, 4]`` in fractions of the input side
+    (x0, y0, x1, y1): a cell is inside when its centre is, and the cell holding the box's centre
+    always is, so a box smaller than a cell still has one. ``weight`` (1 per image, 0 for a
+    stand-in) leaves images out, as in :func:`eat_loss`. Zero when no entry has a box.
+    """
+    b, a, h, w = maps.shape
+    boxes = boxes.to(maps.device, torch.float32)
+    ys = (torch.arange(h, device=maps.device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=maps.device, dtype=torch.float32) + 0.5) / w
+    x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))
+    inside = ((ys >= y0) & (ys < y1))[..., :, None] & ((xs >= x0) & (xs < x1))[..., None, :]
+    cy = ((y0 + y1) / 2 * h).long().clamp(0, h - 1)[..., 0]
+    cx = ((x0 + x1) / 2 * w).long().clamp(0, w - 1)[..., 0]
+    centre = F.one_hot(cy * w + cx, h * w).bool()
+    inside = inside.flatten(2) | centre
+    log_p = maps.float().flatten(2).log_softmax(2)
+    log_inside = torch.logsumexp(log_p.masked_fill(~inside, float("-inf")), dim=2)
+    use = box_mask.to(log_p) * (attributes > 0.5).to(log_p)
+    if weight is not None:
+        use = use * weight.to(log_p)[:, None]
+    return -(log_inside * use).sum() / use.sum().clamp(min=1.0)
+
+
 def off_prototype_weights(
     labels: torch.Tensor, attributes: torch.Tensor, prototypes: torch.Tensor, off_weight: float
 ) -> torch.Tensor:

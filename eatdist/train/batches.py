@@ -47,6 +47,7 @@ class Batches:
             retries=cfg.data.retries,
             decoder=cfg.data.decoder,
             decode_device=cfg.data.decode_device,
+            boxes=train and cfg.loss.localisation_weight > 0,
         )
 
     def _loader(self, stream: ShardStream) -> DataLoader:

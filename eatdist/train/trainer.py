@@ -34,7 +34,7 @@ from eatdist.data.remote import redact
 from eatdist.errors import ConfigError
 from eatdist.metrics.attributes import summary_line
 from eatdist.metrics.prototype import prototype_line
-from eatdist.models.eat import EATModel, eat_loss, off_prototype_weights
+from eatdist.models.eat import EATModel, eat_loss, localisation_loss, off_prototype_weights
 from eatdist.models.heads import HeadOptions
 from eatdist.models.package import PackageMeta, backbone_preprocess, build_model, save_package, weights_source
 from eatdist.store import require_local
@@ -120,7 +120,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.log_images': must be >= 0")
     if cfg.loss.off_prototype_weight <= 0:
         raise ConfigError(f"config key 'loss.off_prototype_weight': must be > 0, got {cfg.loss.off_prototype_weight}")
-    head_options(cfg)
+    head = head_options(cfg)
+    if cfg.loss.localisation_weight < 0:
+        raise ConfigError(f"config key 'loss.localisation_weight': must be >= 0, got {cfg.loss.localisation_weight}")
+    if cfg.loss.localisation_weight > 0 and not head.spatial:
+        raise ConfigError("config key 'loss.localisation_weight': needs model.attr_head=spatial (maps to localise)")
+    if cfg.loss.localisation_weight > 0 and cfg.data.decode_device != "cpu":
+        raise ConfigError("config key 'loss.localisation_weight': boxes follow CPU augmentation; "
+                          "set data.decode_device=cpu")  # fmt: skip
     if not 0.0 <= cfg.loss.label_smoothing < 1.0:
         raise ConfigError(f"config key 'loss.label_smoothing': must be in [0, 1), got {cfg.loss.label_smoothing}")
     best_metric(cfg)
@@ -356,6 +363,12 @@ class Trainer:
                 label_smoothing=cfg.loss.label_smoothing,
                 entry_weight=self._entry_weights(batch),
             )
+            if cfg.loss.localisation_weight > 0:
+                with acc.autocast():
+                    maps = acc.unwrap_model(self.model).attr_head.maps(out.features)
+                loss = loss + cfg.loss.localisation_weight * localisation_loss(
+                    maps, batch["attr_boxes"], batch["box_mask"], batch["attributes"], batch["weight"]
+                )
             acc.backward(loss)
             if acc.sync_gradients:
                 if cfg.optim.clip_grad:
