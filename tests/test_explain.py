@@ -89,6 +89,9 @@ def test_text_lists_attributes_in_words():
         text == "x (90%): because it has a red body, although it has a black top rather than a white top "
         "and it lacks a dotted pattern"
     )
+    # an attribute is said once: shown instead of the lacked one but a reason already, it is not repeated
+    text = explanation_text("x", 0.9, ["black top", "red body"], [("white top", "black top")])
+    assert text == "x (90%): because it has a black top and a red body, although it lacks a white top"
     # CUB-style names: one group's values are joined, contrasts name the group once
     cub = explanation_text(
         "Cardinal",

@@ -183,7 +183,8 @@ def explanation_text(
     ``attribute_names`` are the reasons, best first (``groups`` gives each one's group, to join
     values of one group); ``contrasts`` are (characteristic attribute the image lacks, what it
     shows instead or None), said after the reasons ("although it has a black top rather than a
-    white top"); ``against`` are attributes the image shows that the class usually lacks
+    white top"; "although it lacks a white top" when the black top is a reason already);
+    ``against`` are attributes the image shows that the class usually lacks
     ("although it has a cross shape"); ``warning`` is appended in brackets.
     """
     text = f"{class_name} ({confidence:.0%})"
@@ -195,7 +196,7 @@ def explanation_text(
     clauses = []
     for lacked, shown in contrasts or []:
         lacked_value = _value(lacked, None)
-        if shown is None:
+        if shown is None or shown in attribute_names:  # what it shows instead is a reason already
             clauses.append(f"it lacks {_phrase(lacked)}")
         elif lacked_value is not None and _value(shown, None) is not None:
             group = lacked.partition(": ")[0]
