@@ -17,7 +17,7 @@ process tree. Not a test: timings depend on the machine.
 
     python benchmarks/bench_explain.py [--cases test_resnet:64:512,resnet18:224:192,resnet18:224:96:448]
         [--workers 0,2] [--rows default,+overlay,+attr_maps,+image,all] [--batch 32] [--rounds 3]
-        [--bf16] [--channels-last] [--render-device auto|cpu] [--threads N]
+        [--bf16] [--channels-last] [--render-device auto|cpu] [--decode-device cpu|model] [--threads N]
     python benchmarks/bench_explain.py --command 6000 [--rounds 3] [--threads N]
 """
 
@@ -53,7 +53,7 @@ from eatdist.data.synth import (
 )
 from eatdist.explain.explainer import Explainer
 from eatdist.explain.job import ExplainJob, resolve_inputs
-from eatdist.explain.loader import ShardChunks, make_loader, shutdown
+from eatdist.explain.loader import ShardChunks, decode_chunk, make_loader, shutdown
 from eatdist.models.package import PackageMeta, build_model, load_package, save_package
 
 SHARD = 64
@@ -111,15 +111,21 @@ def rss_mb() -> float:
 
 
 def plain(explainer: Explainer, inputs: list[str], cfg: ExplainConfig) -> int:
-    """Plain inference: the job's loader (no decoded images kept), the forward, nothing written."""
-    dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=False)
+    """Plain inference: the job's loader (no decoded images kept; JPEGs decoded where the job
+    decodes them, ``explain.decode_device``), the forward, nothing written."""
+    size = explainer.preprocess.image_size if cfg.decode_device == "model" else 0
+    dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=False, jpegs_for=size)
     loader = make_loader(dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
     count = 0
     with torch.inference_mode():
         for url in inputs:
             dataset.select(url)
             for chunk in loader:
-                explainer.forward(chunk.pixels)
+                pixels = chunk.pixels
+                if chunk.jpegs is not None and pixels is not None:
+                    pixels = decode_chunk(chunk, explainer.transform, explainer.device)
+                if pixels is not None:
+                    explainer.forward(pixels)
                 count += len(chunk.keys)
     if explainer.on_gpu:
         torch.cuda.synchronize()
@@ -165,7 +171,7 @@ def bench_case(backbone: str, size: int, images: int, source: int, args: argpars
     case = f"{backbone} {size}px" + (f" from {source}px" if source != size else "")
     for workers in args.workers:
         base = dict(batch_size=args.batch, num_workers=workers, bf16=args.bf16, channels_last=args.channels_last,
-                    render_device=args.render_device)  # fmt: skip
+                    render_device=args.render_device, decode_device=args.decode_device)  # fmt: skip
         configs = {"plain": ExplainConfig(**base)} | {
             row: ExplainConfig(**base, outputs=ROWS[row]) for row in args.rows
         }
@@ -265,6 +271,12 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--render-device", default="auto", choices=["auto", "cpu"])
+    parser.add_argument(
+        "--decode-device",
+        default="cpu",
+        choices=["cpu", "model"],
+        help="where JPEG inputs are decoded, for plain inference and explanation alike",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     parser.add_argument("--command", type=int, default=0, help="time whole commands on this many 64 px images")
     parser.add_argument("--plain", nargs=4, metavar=("PACKAGE", "CORPUS", "WORKERS", "BATCH"), help=argparse.SUPPRESS)

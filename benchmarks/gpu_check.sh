@@ -5,7 +5,8 @@
 #   train     training img/s: eatdist against a hand-written Accelerate + timm loop
 #             (resnet50, 224 px, bf16, channels_last), peak device memory
 #   explain   explanation img/s against plain inference (same model, shards, workers): default
-#             outputs, then every picture drawn on the GPU and in CPU processes; peak memory
+#             outputs, then every picture drawn on the GPU and in CPU processes, then with the
+#             inputs decoded on the GPU (explain.decode_device=model) as well; peak memory
 #   resume    a training run killed (SIGKILL) after its first step checkpoint, resumed to the end
 #
 #   bash benchmarks/gpu_check.sh                    # every step
@@ -85,6 +86,9 @@ step_explain() {
     quiet explain-cpu py benchmarks/bench_explain.py --cases "$EXPLAIN_CASE" --rows all --render-device cpu \
         "${EXPLAIN_ARGS[@]}" \
         | sed -u 's/^/RESULT explain (pictures in CPU processes): /'
+    quiet explain-decode py benchmarks/bench_explain.py --cases "$EXPLAIN_CASE" --rows default \
+        --render-device auto --decode-device model "${EXPLAIN_ARGS[@]}" \
+        | sed -u 's/^/RESULT explain (inputs decoded on the GPU, nvJPEG): /'
 }
 
 step_resume() {

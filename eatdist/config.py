@@ -210,6 +210,9 @@ class ExplainConfig:
     # Where overlays, attribute strips and image copies are drawn and JPEG-encoded: "auto" on the
     # model's GPU when it runs on one (nvJPEG), else in the encoding processes; "cpu" always there.
     render_device: Literal["auto", "cpu"] = "auto"
+    # Where JPEG inputs are decoded: "cpu" in the DataLoader processes; "model" where the model
+    # runs, a batch at a time (nvJPEG on a GPU: the loader processes only read bytes).
+    decode_device: Literal["cpu", "model"] = "cpu"
     # Seconds without a heartbeat after which another process takes a shard's claim over.
     lease_s: float = 60.0
     # On a GPU: bfloat16 autocast for the forward, channels_last memory layout.

@@ -153,6 +153,30 @@ def test_device_jpegs_decode_within_a_few_levels_of_the_pil_jpegs():
         render.render_batch([_chw(images[0])], torch.from_numpy(maps[0][None]), [1], ["overlay.png"])
 
 
+def test_inputs_decoded_where_the_model_runs_explain_as_the_loader_decoded_ones(tmp_path, package, every_part):
+    # explain.decode_device=model: the loader passes JPEG bytes, the model's device decodes a batch
+    # at a time (nvJPEG on a GPU; here the same functions on the CPU); a JPEG it refuses is listed
+    corpus = write_corpus(tmp_path / "c", {"test": [10]}, corrupt={"test_0000003": "image"})
+    outs = {}
+    for where in ("cpu", "model"):
+        cfg = ExplainConfig(batch_size=4, num_workers=1, encode_workers=0, outputs=EVERY_PART, decode_device=where)
+        summary = run_explain(str(package), str(corpus.root / "test-*.tar"), str(tmp_path / where), cfg)
+        assert summary["explained"] == 9 and summary["undecodable"] == 1
+        outs[where] = samples(tmp_path / where)
+    assert [s["__key__"] for s in outs["model"]] == [s["__key__"] for s in outs["cpu"]]
+    assert "test_0000003" not in [s["__key__"] for s in outs["model"]]
+    for a, b in zip(outs["cpu"], outs["model"], strict=True):
+        ja, jb = json.loads(a["json"]), json.loads(b["json"])
+        assert ja["class"] == jb["class"] and ja["confidence"] == pytest.approx(jb["confidence"], abs=0.02)
+        assert np.abs(pixels(a["image.jpg"]) - pixels(b["image.jpg"])).mean() < 3  # a few levels of 255
+    report = json.loads((tmp_path / "model" / "_reports" / "test-000000.tar.json").read_text())
+    assert [u["key"] for u in report["undecodable"]] == ["test_0000003"]
+
+
+def pixels(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float32)
+
+
 def test_tar_members_from_encoding_processes_equal_the_shard_writers_layout(tmp_path):
     from eatdist.data.shards import AtomicShardWriter
     from eatdist.explain.encode import tar_members

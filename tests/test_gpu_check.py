@@ -19,7 +19,9 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_their_figures():
     assert "train img/s: hand-written Accelerate+timm" in summary and "ratio x" in summary
     assert "explain (pictures on the GPU when there is one)" in summary
     assert "explain (pictures in CPU processes)" in summary
-    assert summary.count("throughput x") == 3  # default and all parts, then all parts drawn in CPU processes
+    assert "explain (inputs decoded on the GPU, nvJPEG)" in summary
+    # default and all parts, all parts drawn in CPU processes, then default parts of inputs decoded on the device
+    assert summary.count("throughput x") == 4
     assert "resume: killed with SIGKILL after checkpoint step-" in summary and "all steps ok" in summary
     unknown = subprocess.run(["bash", "benchmarks/gpu_check.sh"], env=cpu_env(CPU_DRY_RUN="1", STEPS="nope"), cwd=REPO,
                              capture_output=True, text=True, timeout=60)  # fmt: skip

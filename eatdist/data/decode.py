@@ -143,7 +143,7 @@ def jpeg_bytes(sample: dict[str, Any]) -> torch.Tensor | None:
 
 
 def decode_on_device(
-    jpegs: list[torch.Tensor], seeds: list[int], transform: v2.Compose, device: torch.device, train: bool
+    jpegs: list[torch.Tensor], seeds: list[int], transform: v2.Transform, device: torch.device, train: bool
 ) -> list[torch.Tensor | None]:
     """Decode a batch of JPEGs on ``device`` (nvJPEG on CUDA) and apply ``transform`` to each.
 

@@ -170,11 +170,13 @@ class Explainer:
             check=self.check,
         )
 
+    def inference(self) -> contextlib.AbstractContextManager[Any]:
+        """The autograd mode the maps allow: inference mode, but MLP heads need autograd (Grad-CAM)."""
+        return torch.inference_mode() if self.model.linear_heads or self.model.spatial else torch.no_grad()
+
     def infer(self, pixels: torch.Tensor) -> BatchResult:
         """Return the predictions and maps of a transformed ``[B, 3, S, S]`` batch."""
-        # Non-linear heads need autograd for their maps, which inference mode forbids.
-        mode = torch.inference_mode() if self.model.linear_heads or self.model.spatial else torch.no_grad()
-        with mode:
+        with self.inference():
             batch, out = self.forward(pixels)
             return self.results(batch, out)
 

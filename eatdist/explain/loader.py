@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
+from eatdist.data.decode import decode_on_device, jpeg_bytes
 from eatdist.data.pipeline import BadSample, decode_image
 from eatdist.data.shardindex import load_index
 from eatdist.data.shards import iter_shard
@@ -51,6 +52,7 @@ class Chunk:
     images: list[np.ndarray] = field(default_factory=list)  # [H, W, 3] uint8, for the overlays
     bad: list[dict[str, str]] = field(default_factory=list)  # undecodable: key and reason
     renamed: dict[str, str] = field(default_factory=dict)  # safe key -> the original key with its dots
+    jpegs: list[torch.Tensor | None] | None = None  # encoded JPEGs the model's device decodes, per key
     read: int = 0  # samples of the shard read up to the end of this chunk
     error: str | None = None  # the shard ended here: why
     decode_s: float = 0.0
@@ -73,10 +75,12 @@ def _true_class(sample: dict[str, Any]) -> int | None:
 class ShardChunks(IterableDataset):
     """The chunks of the shard named in a shared buffer; set it with :meth:`select` before each pass."""
 
-    def __init__(self, transform: v2.Compose, batch_size: int, keep_images: bool = True) -> None:
+    def __init__(self, transform: v2.Compose, batch_size: int, keep_images: bool = True, jpegs_for: int = 0) -> None:
         super().__init__()
         self.transform, self.batch_size = transform, batch_size
         self.keep_images = keep_images  # False: ``Chunk.images`` stays empty (nothing is drawn from it)
+        # > 0: JPEGs are passed on encoded (Chunk.jpegs) with a zero input of this size in their place
+        self.jpegs_for = jpegs_for
         self._url = multiprocessing.Array("c", _URL_BYTES, lock=False)
 
     def select(self, url: str) -> None:
@@ -100,7 +104,8 @@ class ShardChunks(IterableDataset):
     def _decode_one(self, chunk: Chunk, sample: dict[str, Any], split: bool) -> torch.Tensor | None:
         original = sample["__key__"]
         try:
-            image = decode_image(sample)
+            jpeg = jpeg_bytes(sample) if self.jpegs_for else None
+            image = decode_image(sample) if jpeg is None else None
         except BadSample as exc:
             reason = str(exc)
             dotted = [ext for ext in sample if "." in ext and not ext.startswith("__")]
@@ -112,9 +117,15 @@ class ShardChunks(IterableDataset):
         if split:  # a key with a dot: explained under one that reads back whole
             key = original.replace(".", "_")
             chunk.renamed[key] = original
-        array = np.array(image, dtype=np.uint8)
         chunk.keys.append(key)
         chunk.truths.append(_true_class(sample))
+        if self.jpegs_for:
+            chunk.jpegs = (chunk.jpegs or []) + [jpeg]
+        if jpeg is not None:  # decoded on the model's device (decode_chunk); its place kept meanwhile
+            if self.keep_images:
+                chunk.images.append(np.zeros((0, 0, 3), dtype=np.uint8))
+            return torch.zeros(3, self.jpegs_for, self.jpegs_for)
+        array = np.array(image, dtype=np.uint8)
         if self.keep_images:
             chunk.images.append(array)
         return self.transform(torch.from_numpy(array).permute(2, 0, 1))
@@ -184,6 +195,37 @@ class ShardChunks(IterableDataset):
             return
         if chunk is not None:
             yield finish(chunk)
+
+
+def decode_chunk(chunk: Chunk, transform: v2.Compose, device: torch.device) -> torch.Tensor | None:
+    """Decode the chunk's encoded JPEGs on ``device`` into its model input, returned there.
+
+    A JPEG the device's decoder refuses leaves the chunk (listed in ``chunk.bad``, as the loader
+    lists what it cannot decode); the decoded images replace their placeholders in
+    ``chunk.images`` when the chunk keeps images. None when nothing of the chunk is left.
+    """
+    assert chunk.jpegs is not None and chunk.pixels is not None
+    slots = [i for i, jpeg in enumerate(chunk.jpegs) if jpeg is not None]
+    decoded = decode_on_device([chunk.jpegs[i] for i in slots], [0] * len(slots), v2.Identity(), device, train=False)
+    pixels = chunk.pixels.to(device, non_blocking=True)
+    refused = set()
+    for i, image in zip(slots, decoded, strict=True):
+        if image is None:
+            refused.add(i)
+            continue
+        pixels[i] = transform(image)
+        if chunk.images:
+            chunk.images[i] = image.permute(1, 2, 0).cpu().numpy()
+    chunk.jpegs = None
+    if refused:
+        keep = [i for i in range(len(chunk.keys)) if i not in refused]
+        for i in sorted(refused):
+            chunk.bad.append({"key": chunk.keys[i], "reason": "undecodable jpg (the device's JPEG decoder refused it)"})
+        chunk.keys = [chunk.keys[i] for i in keep]
+        chunk.truths = [chunk.truths[i] for i in keep]
+        chunk.images = [chunk.images[i] for i in keep] if chunk.images else []
+        pixels = pixels[keep] if keep else None
+    return pixels
 
 
 def _identity(chunk: Chunk) -> Chunk:

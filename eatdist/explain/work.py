@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -20,7 +19,7 @@ from eatdist.config import ExplainConfig
 from eatdist.data.remote import name_of
 from eatdist.explain.encode import Outputs
 from eatdist.explain.explainer import Explainer
-from eatdist.explain.loader import ShardChunks, make_loader, shutdown
+from eatdist.explain.loader import Chunk, ShardChunks, decode_chunk, make_loader, shutdown
 from eatdist.explain.writer import REPORTS, ShardReport, ShardWriterThread, Timings
 from eatdist.store import Store
 
@@ -45,7 +44,8 @@ class ShardWork:
         self.explainer, self.store, self.cfg, self.rank = explainer, store, cfg, rank
         # The decoded images travel to this process only when image parts are drawn from them.
         images = bool(Outputs.from_config(cfg).images)  # a bad explain.outputs fails before any work
-        self.dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=images)
+        size = explainer.preprocess.image_size if cfg.decode_device == "model" else 0
+        self.dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=images, jpegs_for=size)
         self.loader = make_loader(self.dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
         # Start the workers before any thread exists (forking a threaded process is unsafe).
         self.dataset.select("")
@@ -83,12 +83,12 @@ class ShardWork:
             if not opened:
                 self.writer.open(report, name)
                 opened = True
-            for bad in chunk.bad:
-                report.undecodable.append(bad)
-                log.warning("cannot explain %s in %s: %s", bad["key"], name, bad["reason"])
             self.timings.decode += chunk.decode_s
             if chunk.pixels is not None:
                 self._infer(chunk)
+            for bad in chunk.bad:
+                report.undecodable.append(bad)
+                log.warning("cannot explain %s in %s: %s", bad["key"], name, bad["reason"])
             progress(chunk.read)
             if chunk.error is not None:
                 report.truncated = {"read": chunk.read, "reason": chunk.error}
@@ -102,12 +102,19 @@ class ShardWork:
         self.writer.close_shard(still_held, done)
         return None
 
-    def _infer(self, chunk: Any) -> None:
+    def _infer(self, chunk: Chunk) -> None:
         explainer = self.explainer
-        mode = torch.inference_mode() if explainer.model.linear_heads else torch.no_grad()
         started = time.perf_counter()
-        with mode:
-            batch, out = explainer.forward(chunk.pixels)
+        pixels = chunk.pixels
+        if chunk.jpegs is not None:  # explain.decode_device=model
+            pixels = decode_chunk(chunk, explainer.transform, explainer.device)
+            decoded = time.perf_counter()
+            self.timings.decode += decoded - started
+            started = decoded
+            if pixels is None:
+                return
+        with explainer.inference():
+            batch, out = explainer.forward(pixels)
             if explainer.on_gpu:
                 torch.cuda.synchronize(explainer.device)
             forwarded = time.perf_counter()
