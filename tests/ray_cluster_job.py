@@ -1,7 +1,7 @@
 """Run inside a private PID and network namespace by tests/test_explain_ray.py: a local Ray cluster
 (a head and two worker nodes on 127.0.0.1), moto's S3 server, and ``eatdist explain --engine ray
 --output s3://bucket/expl`` twice: the first run loses an actor mid-shard and then its driver,
-the rerun loses a worker node. Writes what it saw to a JSON file; the
+the rerun loses a worker node; then two shards through Ray Client (``ray://``) into a folder. Writes what it saw to a JSON file; the
 test asserts on it and on the output shards. Every process ends with the namespace.
 
 usage: python ray_cluster_job.py SPEC.json   (SPEC: package, corpus, work, result, ray_temp)
@@ -93,8 +93,10 @@ def main() -> None:
     address = f"127.0.0.1:{port}"
     temp = spec["ray_temp"]  # short: Ray's socket paths have a length limit
     node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    client_port = free_port()  # Ray Client's server on the head: ray://127.0.0.1:client_port
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard=false",
-                    *node], env=env, check=True, capture_output=True)  # fmt: skip
+                    "--ray-client-server-port", str(client_port), *node], env=env, check=True,
+                   capture_output=True)  # fmt: skip
     before = raylets()
     subprocess.run([RAY, "start", "--address", address, *node], env=env, check=True, capture_output=True)
     first_worker = raylets() - before
@@ -102,11 +104,11 @@ def main() -> None:
     env["RAY_ADDRESS"] = address
     result: dict = {"nodes_started": 3}
 
-    def explain(output: str, log: Path) -> subprocess.Popen:
+    def explain(output: str, log: Path, inputs: str = spec["corpus"], *extra: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "eatdist", "explain", "--engine", "ray", "--model", spec["package"], "--input",
-               spec["corpus"], "--output", output, "explain.batch_size=4", "explain.num_workers=0",
+               inputs, "--output", output, "explain.batch_size=4", "explain.num_workers=0",
                # every picture: shards long enough for the kills below to land while actors work
-               "explain.outputs=[json, txt, heatmaps.npy, image, overlay, attr_maps]"]  # fmt: skip
+               "explain.outputs=[json, txt, heatmaps.npy, image, overlay, attr_maps]", *extra]  # fmt: skip
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
 
     def finish(proc: subprocess.Popen, log: Path) -> dict:
@@ -168,6 +170,16 @@ def main() -> None:
                             env=env, capture_output=True, text=True)  # fmt: skip
     result["status"] = {"rc": status.returncode, "stdout": status.stdout}
     copy_bucket("expl", work / "copy")
+
+    # Through Ray Client (explain.ray_address=ray://...), into a local folder: two shards.
+    clock = time.monotonic()
+    log = work / "client.log"
+    client = explain(str(work / "client-out"), log, str(Path(spec["corpus"]) / "test-00000[01].tar"),
+                     f"explain.ray_address=ray://127.0.0.1:{client_port}")  # fmt: skip
+    result["client"] = finish(client, log) | {"seconds": time.monotonic() - clock}
+    if result["client"]["rc"] != 0:  # Ray Client's server logs say why; the temp folder goes with the test
+        logs = sorted(Path(temp).glob("session_latest/logs/ray_client_server*"))
+        result["client"]["stderr"] += "".join(f"\n== {p.name}\n" + p.read_text()[-3000:] for p in logs)
 
     Path(spec["result"]).write_text(json.dumps(result))
     s3.stop()

@@ -98,3 +98,13 @@ def test_every_key_once_in_the_bucket_after_a_lost_worker_node(cluster_run):
     assert keys(sorted(copy.glob("*.tar"))) == keys(sorted(corpus.root.glob("*.tar")))  # every key exactly once
     assert not list(copy.glob("_claims/*")) and not list(copy.rglob("*.tmp"))
     assert json.loads((copy / "explain_summary.json").read_text())["explained"] == SHARDS * PER_SHARD
+
+
+@pytest.mark.slow
+def test_a_driver_joins_through_ray_client(cluster_run):
+    result, corpus, work = cluster_run
+    client = result["client"]
+    assert client["rc"] == 0, client["stderr"]
+    assert f"explained {2 * PER_SHARD} images from 2 shards" in client["stdout"]
+    out = work / "client-out"
+    assert keys(sorted(out.glob("*.tar"))) == keys(sorted(corpus.root.glob("test-00000[01].tar")))

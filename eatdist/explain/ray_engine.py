@@ -44,6 +44,7 @@ from eatdist.models.package import read_meta
 from eatdist.store import open_store
 
 log = logging.getLogger(__name__)
+CLIENT_ATTEMPTS = 4  # tries to join through Ray Client (ray://) before giving up
 # How long the driver waits without any live actor before it gives up (the cluster may be scaling up).
 NO_ACTOR_TIMEOUT_S = 600.0
 
@@ -112,13 +113,23 @@ def connect(cfg: ExplainConfig) -> Any:
         ConfigError: when Ray is not installed; DataError: when the cluster cannot be reached.
     """
     ray = _ray()
-    if not ray.is_initialized():
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if ray.is_initialized():
+        return ray
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    # Ray Client's proxy forks a server per driver, and that child sometimes dies at birth (a gRPC
+    # poller race, ray-project/ray#63202): the next attempt forks a fresh one.
+    attempts = CLIENT_ATTEMPTS if address.startswith("ray://") else 1
+    for attempt in range(1, attempts + 1):
         try:
             ray.init(address=address, configure_logging=False, log_to_driver=True)
+            return ray
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise DataError(f"cannot join the Ray cluster at {address or 'this machine'}: {exc}") from None
-    return ray
+            if attempt == attempts or "Starting Ray client server failed" not in str(exc):
+                raise DataError(f"cannot join the Ray cluster at {address}: {exc}") from None
+            log.warning("Ray Client's server for this driver did not start (attempt %d of %d); trying again",
+                        attempt, attempts)  # fmt: skip
+            time.sleep(attempt)
+    raise AssertionError("unreachable")
 
 
 def actor_shape(cfg: ExplainConfig, resources: dict[str, float], shards: int) -> tuple[int, float, float]:
