@@ -1,8 +1,9 @@
 """Run inside a private PID and network namespace by tests/test_explain_ray.py: a local Ray cluster
 (a head and two worker nodes on 127.0.0.1), moto's S3 server, and ``eatdist explain --engine ray
 --output s3://bucket/expl`` twice: the first run loses an actor mid-shard and then its driver,
-the rerun loses a worker node; then two shards through Ray Client (``ray://``) into a folder. Writes what it saw to a JSON file; the
-test asserts on it and on the output shards. Every process ends with the namespace.
+the rerun loses a worker node; then two shards through Ray Client (``ray://``) into a folder.
+Writes what it saw to a JSON file; the test asserts on it and on the output shards. Every
+process ends with the namespace.
 
 usage: python ray_cluster_job.py SPEC.json   (SPEC: package, corpus, work, result, ray_temp)
 """
