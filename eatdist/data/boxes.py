@@ -13,24 +13,11 @@ malformed boxes.
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
 import torch
-from PIL import Image
 from torchvision import tv_tensors
-
-from eatdist.data.decode import image_ext
-
-
-def image_extent(sample: dict[str, Any]) -> tuple[int, int] | None:
-    """Return the stored image's (width, height) from its header, None when it cannot be read."""
-    try:
-        with Image.open(io.BytesIO(sample[image_ext(sample)])) as img:
-            return img.size
-    except Exception:  # PIL raises many types for broken bytes; the decode reports the sample
-        return None
 
 
 def record_boxes(sample: dict[str, Any], num_attributes: int) -> dict[int, list[float]]:
@@ -62,10 +49,10 @@ def to_decoded(
     (height, width) of the tensor the decoder gave (smaller for a JPEG decoded reduced).
     """
     sx, sy = decoded[1] / stored[0], decoded[0] / stored[1]
-    data = torch.zeros(num_attributes, 4)
+    rows = [[0.0] * 4] * num_attributes
     for index, (x0, y0, x1, y1) in boxes.items():
-        data[index] = torch.tensor([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
-    return tv_tensors.BoundingBoxes(data, format="XYXY", canvas_size=decoded)
+        rows[index] = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
+    return tv_tensors.BoundingBoxes(torch.tensor(rows), format="XYXY", canvas_size=decoded)
 
 
 def as_fractions(boxes: torch.Tensor, size: int) -> tuple[list[list[float]], list[float]]:

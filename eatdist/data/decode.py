@@ -110,23 +110,36 @@ def decode_tensor(sample: dict[str, Any], target: int | None = None, decoder: De
     ``decoder="pil"`` decodes everything with PIL at full size. Raises:
         BadSample: when there is no image or it cannot be decoded.
     """
+    return decode_sized(sample, target, decoder)[0]
+
+
+def decode_sized(
+    sample: dict[str, Any], target: int | None = None, decoder: Decoder = "auto"
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Return :func:`decode_tensor`'s image and the stored image's (width, height), which a JPEG
+    decoded reduced no longer has (coordinates in its record refer to the stored size)."""
     ext = image_ext(sample)
     data = sample[ext]
     if decoder == "pil" or ext not in ("jpg", "jpeg"):
-        return _to_tensor(decode_image(sample))
+        return _sized(_to_tensor(decode_image(sample)))
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             if target is not None and min(img.size) >= DRAFT_FACTOR * target and img.format == "JPEG":
+                stored = img.size
                 img.draft("RGB", (target, target))
-                return _to_tensor(img.convert("RGB"))
+                return _to_tensor(img.convert("RGB")), stored
             if img.format != "JPEG":  # a PNG named .jpg: PIL reads what it is
-                return _to_tensor(img.convert("RGB"))
+                return _sized(_to_tensor(img.convert("RGB")))
     except Exception as exc:  # PIL raises many types for broken bytes
         raise BadSample(f"undecodable {ext} image ({type(exc).__name__})") from None
     try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return _sized(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB))
     except RuntimeError:  # a JPEG flavour libjpeg's fast path refuses (e.g. CMYK): PIL converts it
-        return _to_tensor(decode_image(sample))
+        return _sized(_to_tensor(decode_image(sample)))
+
+
+def _sized(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    return tensor, (tensor.shape[2], tensor.shape[1])
 
 
 def jpeg_bytes(sample: dict[str, Any]) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from eatdist.data.boxes import as_fractions, image_extent, record_boxes, to_decoded
+from eatdist.data.boxes import as_fractions, record_boxes, to_decoded
 from eatdist.data.corpus import DatasetInfo
 from eatdist.data.decode import (  # noqa: F401  (BadSample, Preprocess and decode_image are re-exported)
     BadSample,
@@ -29,7 +29,7 @@ from eatdist.data.decode import (  # noqa: F401  (BadSample, Preprocess and deco
     Preprocess,
     build_transform,
     decode_image,
-    decode_tensor,
+    decode_sized,
     jpeg_bytes,
     parse_labels,
 )
@@ -238,7 +238,7 @@ class ShardStream(IterableDataset):
         try:
             label, attrs, mask = parse_labels(sample, self.num_classes, self.num_attributes)
             jpeg = jpeg_bytes(sample) if self.decode_device != "cpu" else None
-            tensor = decode_tensor(sample, self.image_size, self.decoder) if jpeg is None else None
+            tensor, stored = decode_sized(sample, self.image_size, self.decoder) if jpeg is None else (None, None)
         except BadSample as exc:
             where = f"sample {sample.get('__key__')} in {sample.get('__shard__')}"
             parts = unmerge(sample)
@@ -258,9 +258,7 @@ class ShardStream(IterableDataset):
             item["image"] = self.transform(tensor)
             return item
         found = record_boxes(sample, self.num_attributes)
-        extent = image_extent(sample) if found else None
-        stored = extent or (tensor.shape[2], tensor.shape[1])
-        boxes = to_decoded(found if extent else {}, self.num_attributes, stored, (tensor.shape[1], tensor.shape[2]))
+        boxes = to_decoded(found, self.num_attributes, stored, (tensor.shape[1], tensor.shape[2]))
         item["image"], moved = self.transform(tensor, boxes)  # the same crop and flip for both
         item["boxes"], item["box_mask"] = as_fractions(moved, self.image_size)
         return item
