@@ -3,7 +3,8 @@
 #
 #   env       the device, torch and the wheels brought along in .whl/ (benchmarks/gpu_wheels.sh)
 #   train     training img/s: eatdist against a hand-written Accelerate + timm loop
-#             (resnet50, 224 px, bf16, channels_last), peak device memory
+#             (resnet50, 224 px, bf16, channels_last), peak device memory; the step time of the
+#             synthetic recipe's head (spatial maps + localisation loss) against the linear head's
 #   explain   explanation img/s against plain inference (same model, shards, workers): default
 #             outputs, then every picture drawn on the GPU and in CPU processes, then with the
 #             inputs decoded on the GPU (explain.decode_device=model) as well; peak memory
@@ -26,7 +27,7 @@ LOG="$WORK/check.log"
 PY="${PYTHON:-python}"
 [ -x "$REPO/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && PY="$REPO/.venv/bin/python"
 # name:limit in seconds; the sum stays within 8 minutes
-STEPS_ALL="env:30 train:170 explain:190 resume:90"
+STEPS_ALL="env:20 train:190 explain:190 resume:80"
 STEPS="${STEPS:-env train explain resume}"
 # The dry run checks the steps, not the speed: a loaded CPU gets 6x the limits.
 SCALE="${LIMIT_SCALE:-$([ "$DRY" = "1" ] && echo 6 || echo 1)}"
@@ -34,12 +35,12 @@ export TQDM_DISABLE=1 PYTHONWARNINGS=ignore
 
 if [ "$DRY" = "1" ]; then
     export CUDA_VISIBLE_DEVICES="" ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1
-    TRAIN_ARGS=(--backbone test_resnet --size 32 --batch 8 --steps 3 --workers 1 --rounds 1)
+    TRAIN_ARGS=(--backbone test_resnet --size 32 --batch 8 --steps 3 --workers 1 --rounds 1 --heads)
     EXPLAIN_CASE="test_resnet:32:32"
     EXPLAIN_ARGS=(--workers 1 --batch 16 --rounds 1)
     RESUME_MODEL=(model.backbone=test_resnet data.image_size=32 data.batch_size=8 data.num_workers=1 synth.train=48)
 else
-    TRAIN_ARGS=(--backbone resnet50 --size 224 --batch 128 --steps 24 --workers 12 --rounds 3 --bf16 --channels-last)
+    TRAIN_ARGS=(--backbone resnet50 --size 224 --batch 128 --steps 24 --workers 12 --rounds 3 --bf16 --channels-last --heads)
     EXPLAIN_CASE="resnet50:224:2048"
     EXPLAIN_ARGS=(--workers 12 --batch 256 --rounds 2 --bf16 --channels-last)
     RESUME_MODEL=(model.backbone=resnet50 data.image_size=224 data.batch_size=64 data.num_workers=8 synth.train=2048
@@ -75,7 +76,7 @@ EOF
 quiet() { local err="$WORK/$1.err"; shift; "$@" 2>"$err" || { local s=$?; tail -20 "$err"; return $s; }; }
 
 step_train() {
-    quiet train py benchmarks/gpu_train.py "${TRAIN_ARGS[@]}" | sed -u 's/^train img\/s/RESULT train img\/s/'
+    quiet train py benchmarks/gpu_train.py "${TRAIN_ARGS[@]}" | sed -u 's/^\(train\|heads\) img\/s/RESULT &/'
 }
 
 step_explain() {

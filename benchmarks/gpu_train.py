@@ -8,7 +8,10 @@ allocator) and is left out of the medians when there are more. Prints img/s, the
 peak device memory of each. Not a test: timings depend on the machine.
 
     python benchmarks/gpu_train.py [--backbone resnet50] [--size 224] [--batch 128] [--steps 30]
-        [--workers 8] [--rounds 3] [--bf16] [--channels-last]
+        [--workers 8] [--rounds 3] [--bf16] [--channels-last] [--heads]
+
+``--heads`` adds eatdist with the synthetic recipe's head (spatial attribute maps, the class read
+through them, the localisation loss) to the rounds and prints its step time against the linear head's.
 """
 
 from __future__ import annotations
@@ -80,9 +83,20 @@ def hand_loop(corpus: Path, args: argparse.Namespace) -> float:
     return images / (time.perf_counter() - start)
 
 
-def eatdist_epoch(corpus: Path, args: argparse.Namespace, out: Path) -> float:
+# The synthetic recipe's head (--heads): spatial attribute maps, the class read through them, the
+# localisation loss from the corpus's attr_boxes.
+RECIPE_HEAD = {"attr_head": "spatial", "class_pool": "attributes"}
+RECIPE_LOSS = {"off_prototype_weight": 10.0, "localisation_weight": 1.0}
+
+
+def eatdist_epoch(corpus: Path, args: argparse.Namespace, out: Path, recipe_head: bool = False) -> float:
     """img/s of one epoch of eatdist's Trainer (the corpus holds exactly ``args.steps`` batches)."""
     cfg = Config()
+    if recipe_head:
+        for key, value in RECIPE_HEAD.items():
+            setattr(cfg.model, key, value)
+        for key, value in RECIPE_LOSS.items():
+            setattr(cfg.loss, key, value)
     cfg.data.root, cfg.data.image_size, cfg.data.batch_size = str(corpus), args.size, args.batch
     cfg.data.num_workers, cfg.data.shuffle_buffer = args.workers, 64
     cfg.model.backbone, cfg.model.backbone_args, cfg.model.channels_last = args.backbone, {}, args.channels_last
@@ -112,17 +126,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--heads", action="store_true",
+                        help="also time eatdist with the synthetic recipe's head (spatial maps + localisation loss)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gpu_train_"))
     corpus = make_corpus(tmp / "corpus", args.size, args.batch * args.steps)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"{device}: {args.backbone} {args.size}px batch {args.batch} x {args.steps} steps, {args.workers} workers, "
           f"bf16 {args.bf16}, channels_last {args.channels_last}, {args.rounds} rounds", flush=True)  # fmt: skip
-    runs: dict[str, list[float]] = {"hand": [], "eatdist": []}
-    peaks: dict[str, float] = {"hand": 0.0, "eatdist": 0.0}
+    kinds = ("hand", "eatdist", "spatial") if args.heads else ("hand", "eatdist")
+    runs: dict[str, list[float]] = {k: [] for k in kinds}
+    peaks: dict[str, float] = dict.fromkeys(kinds, 0.0)
     for r in range(args.rounds):
-        for kind in ("hand", "eatdist") if r % 2 == 0 else ("eatdist", "hand"):
-            ips = hand_loop(corpus, args) if kind == "hand" else eatdist_epoch(corpus, args, tmp / f"run{r}")
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:
+            if kind == "hand":
+                ips = hand_loop(corpus, args)
+            else:
+                ips = eatdist_epoch(corpus, args, tmp / f"run{r}-{kind}", recipe_head=kind == "spatial")
             runs[kind].append(ips)
             peaks[kind] = max(peaks[kind], peak_gib())
             print(f"  round {r + 1} {kind:<8} {ips:8.1f} img/s", flush=True)
@@ -130,6 +150,10 @@ def main() -> None:
     hand, ours = (statistics.median(steady[k]) for k in ("hand", "eatdist"))
     print(f"train img/s: hand-written Accelerate+timm {hand:.1f}, eatdist {ours:.1f}, ratio x{ours / hand:.3f}; "
           f"peak device memory GiB: hand {peaks['hand']:.2f}, eatdist {peaks['eatdist']:.2f}")  # fmt: skip
+    if args.heads:
+        spatial = statistics.median(steady["spatial"])
+        print(f"heads img/s: linear {ours:.1f}, spatial + localisation loss {spatial:.1f}; step time "
+              f"x{ours / spatial:.3f} of the linear head's; peak device memory GiB {peaks['spatial']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_their_figures():
         assert f"--- step {step}: ok" in out
     summary = out.split("=== summary", 1)[1]
     assert "train img/s: hand-written Accelerate+timm" in summary and "ratio x" in summary
+    assert "heads img/s: linear" in summary and "of the linear head's" in summary
     assert "explain (pictures on the GPU when there is one)" in summary
     assert "explain (pictures in CPU processes)" in summary
     assert "explain (inputs decoded on the GPU, nvJPEG)" in summary
