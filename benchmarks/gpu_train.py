@@ -126,8 +126,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--heads", action="store_true",
-                        help="also time eatdist with the synthetic recipe's head (spatial maps + localisation loss)")
+    parser.add_argument(
+        "--heads",
+        action="store_true",
+        help="also time eatdist with the synthetic recipe's head (spatial maps + localisation loss)",
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gpu_train_"))
     corpus = make_corpus(tmp / "corpus", args.size, args.batch * args.steps)
