@@ -67,21 +67,3 @@ def test_two_process_training_on_uneven_shards(tmp_path):
     result = run(torchrun_explain("test-*.tar", tmp_path / "one"))
     assert result.returncode == 0
     assert "explained 21 images from 1 shards" in result.stdout
-
-
-def test_resume_continues_from_latest_checkpoint(tmp_path):
-    corpus = write_corpus(tmp_path / "data", {"train": [64, 64], "val": [16]})
-    out = tmp_path / "run"
-    args = ["train", *TRAIN, "data.num_workers=0", f"data.root={corpus.root}", f"train.output_dir={out}"]
-    assert run([sys.executable, "-m", "eatdist", *args, "train.epochs=1"]).returncode == 0
-    first = latest_state(out)
-    again = run([sys.executable, "-m", "eatdist", *args, "train.epochs=2"])  # forgot --resume
-    assert again.returncode == 2 and "already holds checkpoints" in again.stderr and "--resume" in again.stderr
-    result = run([sys.executable, "-m", "eatdist", *args, "train.epochs=2", "train.explain_split=val", "--resume"])
-    assert result.returncode == 0
-    explained = [s["__key__"] for s in iter_shard(out / "explanations" / "val-000000.tar")]
-    assert explained == [s["__key__"] for s in iter_shard(corpus.root / "val-000000.tar")]
-    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in epochs if e["kind"] == "epoch"] == [1, 2]  # epoch 1 not run again
-    second = latest_state(out)
-    assert second["global_step"] == 2 * first["global_step"]

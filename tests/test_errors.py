@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import REPO, accelerate_launch, cpu_env, run, write_corpus
+from conftest import REPO, accelerate_launch, cpu_env, run, untrained_package, write_corpus
 from eatdist.cli.errors import ANOTHER_RANK_FAILED, describe, one_line, unwrap_worker_error
+from eatdist.cli.main import main
 from eatdist.errors import DataError, EatdistError, ModelPackageError
 from eatdist.models.package import load_package
 
@@ -22,11 +23,23 @@ TRAIN = ["data.image_size=32", "data.batch_size=16", "data.num_workers=0", "trai
          "model.backbone=test_resnet", "train.final_test=false"]  # fmt: skip
 
 
-def eatdist(*args, env=None):
-    """Run the CLI; return (exit code, stderr lines that are not library warnings)."""
-    result = run([sys.executable, "-m", "eatdist", *map(str, args)], env=env)
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
-    return result.returncode, lines
+def error_lines(stderr):
+    """The lines of ``stderr`` that are not library warnings."""
+    return [line for line in stderr.splitlines() if line.strip() and "WARNING" not in line]
+
+
+@pytest.fixture
+def eatdist(capsys):
+    """eatdist(*args) -> (exit code, stderr lines that are not library warnings): the CLI's entry point
+    called in this process, as a start costs seconds (the full-disk explanation and the launcher
+    tests below start real processes)."""
+
+    def call(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        return code, error_lines(capsys.readouterr().err)
+
+    return call
 
 
 def the_error(code, lines):
@@ -39,14 +52,10 @@ def the_error(code, lines):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny corpus and a model package trained on it (one epoch, 32 px)."""
+    """A tiny corpus and a model package over it (untrained: the errors below do not depend on the weights)."""
     base = tmp_path_factory.mktemp("trained")
     corpus = write_corpus(base / "data", {"train": [32], "val": [16], "test": [8]})
-    out = base / "run"
-    result = run([sys.executable, "-m", "eatdist", "train", *TRAIN, f"data.root={corpus.root}",
-                  f"train.output_dir={out}"])  # fmt: skip
-    assert result.returncode == 0
-    return corpus, out / "model"
+    return corpus, untrained_package(corpus, base)
 
 
 # ----------------------------------------------------------------------------- the error path itself
@@ -108,7 +117,7 @@ def test_collective_error_after_another_rank_failed_is_one_line(monkeypatch):
 # ----------------------------------------------------------------------------- configs and packages
 
 
-def test_yaml_syntax_error_gives_file_line_and_column(tmp_path):
+def test_yaml_syntax_error_gives_file_line_and_column(tmp_path, eatdist):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: 3\n   lr: 1\n")
     line = the_error(*eatdist("report", "--explanations", tmp_path, "--config", bad))
@@ -121,7 +130,7 @@ def test_yaml_syntax_error_gives_file_line_and_column(tmp_path):
 
 
 @pytest.mark.slow
-def test_package_whose_metadata_disagrees_with_its_weights_is_named(tmp_path, trained):
+def test_package_whose_metadata_disagrees_with_its_weights_is_named(tmp_path, trained, eatdist):
     corpus, model = trained
     package = shutil.copytree(model, tmp_path / "pkg")
     meta = json.loads((package / "eatdist_model.json").read_text())
@@ -145,7 +154,7 @@ def test_package_whose_metadata_disagrees_with_its_weights_is_named(tmp_path, tr
 
 
 @pytest.mark.slow
-def test_train_into_a_read_only_folder_or_under_a_file(tmp_path, trained, mount):
+def test_train_into_a_read_only_folder_or_under_a_file(tmp_path, trained, mount, eatdist):
     corpus, _ = trained
     read_only = mount(1, read_only=True)
     line = the_error(*eatdist("train", *TRAIN, f"data.root={corpus.root}", f"train.output_dir={read_only}/run"))
@@ -157,7 +166,7 @@ def test_train_into_a_read_only_folder_or_under_a_file(tmp_path, trained, mount)
 
 
 @pytest.mark.slow
-def test_explain_into_a_read_only_folder_or_a_file(tmp_path, trained, mount):
+def test_explain_into_a_read_only_folder_or_a_file(tmp_path, trained, mount, eatdist):
     corpus, model = trained
     inputs = corpus.root / "test-000000.tar"
     read_only = mount(1, read_only=True)
@@ -186,8 +195,7 @@ def test_explain_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, trained
     cmd = [sys.executable, "-m", "eatdist", "explain", "--model", str(model), "--input",
            str(corpus.root / "test-000000.tar"), "--output", str(out)]  # fmt: skip
     result = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=30, cwd=REPO)
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
-    line = the_error(result.returncode, lines)
+    line = the_error(result.returncode, error_lines(result.stderr))
     assert "disk full" in line and str(out) in line
     assert not [p.name for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith(".tar")]
 
@@ -253,8 +261,6 @@ def fill(folder, leave):
 
 @pytest.mark.slow
 def test_a_full_disk_at_every_output_is_one_line_and_the_same_commands_complete_once_freed(tmp_path, mount, capsys):
-    from eatdist.cli.main import main
-
     corpus = write_corpus(tmp_path / "data", {"train": [32], "val": [16]})
     disk = mount(16)
     run_dir, explanations = disk / "run", disk / "run" / "explanations"
@@ -276,9 +282,7 @@ def test_a_full_disk_at_every_output_is_one_line_and_the_same_commands_complete_
     for name, (args, leave) in commands.items():
         filler = fill(disk, leave)
         code = main(args)
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.strip() and "WARNING" not in line]
-        line = the_error(code, lines)
+        line = the_error(code, error_lines(capsys.readouterr().err))
         assert line.startswith(f"eatdist: error: disk full at {disk}") and " free" in line, (name, line)
         assert not [p for p in disk.rglob("*") if p.name.endswith(LEFT_OVER)], name
     assert (run_dir / "model" / "model.safetensors").read_bytes() == weights  # the package as it was

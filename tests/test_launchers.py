@@ -1,5 +1,7 @@
 """One model under every launcher: real processes started as a user starts them, replicas compared,
-torchrun restarting its workers after a kill and continuing with the nodes that are left."""
+two simulated nodes reading each sample once and explaining each shard once, torchrun restarting
+its workers after a kill and continuing with the nodes that are left. DeepSpeed's launches are in
+tests/test_cluster.py."""
 
 import json
 import os
@@ -62,13 +64,10 @@ def finish(procs, timeout=400):
         assert p.returncode == 0, err[-3000:]
 
 
-def two_torchrun_nodes(corpus, out, env):
-    """Two simulated nodes of one process each, a static rendezvous on 127.0.0.1."""
+def two_nodes(make_cmd, env):
+    """Start node 0 and node 1 (one process each) on 127.0.0.1, ``make_cmd(rank, port)``, and wait for both."""
     port = free_port()
-    procs = [start(torchrun("--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr",
-                            "127.0.0.1", "--master_port", str(port)) + train_args(corpus, out), env)
-             for rank in range(2)]  # fmt: skip
-    finish(procs)
+    finish([start(make_cmd(rank, port), env) for rank in range(2)])
 
 
 def torchrun_script(**settings):
@@ -87,21 +86,33 @@ def torchrun_reference(corpus, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "zero2", "two_nodes"])
+@pytest.fixture(scope="module")
+def two_node_run(corpus, tmp_path_factory):
+    """The tiny run on two simulated nodes of one process each (launch/ddp_multinode.yaml, a static
+    rendezvous on 127.0.0.1), recording the keys each rank reads."""
+    out = tmp_path_factory.mktemp("two_nodes") / "run"
+
+    def node(rank, port):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "launch" / "ddp_multinode.yaml"), "--num_machines", "2", "--machine_rank", str(rank),
+                "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                "-m", "eatdist", *train_args(corpus, out, "train.record_keys=true")]  # fmt: skip
+
+    two_nodes(node, plain_env())
+    return out
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "two_nodes"])
 def test_every_launcher_trains_one_model_and_counts_the_whole_test_split(
-    launcher, corpus, torchrun_reference, tmp_path
+    launcher, corpus, torchrun_reference, tmp_path, request
 ):
     out = tmp_path / "run"
     if launcher == "torchrun":
         out = torchrun_reference
     elif launcher == "accelerate":
         assert run(accelerate("cpu_2proc.yaml") + train_args(corpus, out), env=plain_env()).returncode == 0
-    elif launcher == "zero2":
-        # DeepSpeed JIT-builds a small op once: kept in the project; it finds the CPU by itself.
-        env = plain_env(TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"))
-        assert run(accelerate("zero2.yaml") + train_args(corpus, out), env=env, timeout=400).returncode == 0
     else:
-        two_torchrun_nodes(corpus, out, plain_env())
+        out = request.getfixturevalue("two_node_run")
     first, second = digests(out)
     assert first == second
     final = json.loads((out / "final_metrics.json").read_text())
@@ -109,6 +120,32 @@ def test_every_launcher_trains_one_model_and_counts_the_whole_test_split(
     if launcher in ("accelerate", "two_nodes"):
         # the same DDP run whoever launched it: bitwise the same model
         assert first == digests(torchrun_reference)[0]
+
+
+def test_two_simulated_nodes_read_each_sample_once_and_explain_each_shard_once(corpus, two_node_run, tmp_path):
+    out = two_node_run
+    reports = [json.loads((out / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["steps_per_epoch"] == reports[1]["steps_per_epoch"] == [(96 // 2) // 4]
+    per_rank = [(out / "ranks" / f"keys-epoch0001-rank{r}.txt").read_text().split() for r in range(2)]
+    counts = Counter(per_rank[0] + per_rank[1])
+    assert set(counts.values()) == {1}  # no sample read by two ranks, or twice
+    assert set(counts) == {s["__key__"] for p in corpus.shard_paths("train") for s in iter_shard(p)}  # 96 = 12 x 2 x 4
+
+    expl = tmp_path / "expl"
+    explain = ["explain", "--model", str(out / "model"), "--input", str(corpus.root / "*.tar"), "--output", str(expl)]
+
+    def node(rank, port):
+        return torchrun("--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port)) + explain  # fmt: skip
+
+    two_nodes(node, cpu_env())
+    inputs = sorted(corpus.root.glob("*.tar"))
+    reports = {p.name: json.loads((expl / "_reports" / f"{p.name}.json").read_text()) for p in inputs}
+    by_rank = Counter(r["rank"] for r in reports.values())
+    # each shard by exactly one process; which process takes which is claimed at run time
+    assert set(by_rank) <= {0, 1} and sum(by_rank.values()) == len(inputs)
+    counts = Counter(s["__key__"] for p in sorted(expl.glob("*.tar")) for s in iter_shard(p))
+    assert set(counts) == {s["__key__"] for p in inputs for s in iter_shard(p)} and set(counts.values()) == {1}
 
 
 def test_a_rank_that_forks_fails_the_run_in_one_line(corpus, tmp_path):

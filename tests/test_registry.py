@@ -1,10 +1,9 @@
-import subprocess
-import sys
+import contextlib
+import io
 
 import pytest
 import torch
 
-from conftest import REPO, cpu_env
 from eatdist.errors import BackboneError
 from eatdist.models import registry
 
@@ -71,14 +70,22 @@ def test_contract_breaking_plugin_is_named(fake_plugins):
         registry.create_backbone("nofeatures")
 
 
+def backbones_command(*args):
+    """``eatdist backbones ARGS`` through the CLI's entry point in this process, which sees the fake
+    plugins on its path (tests/test_plugin.py runs it as a process over pip-installed plugins)."""
+    from eatdist.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["backbones", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
 def test_backbones_command_lists_and_reports_failures(fake_plugins):
-    env = cpu_env(PYTHONPATH=str(fake_plugins))
-    result = subprocess.run(
-        [sys.executable, "-m", "eatdist", "backbones"], capture_output=True, text=True, env=env, cwd=REPO
-    )
-    assert "goodnet" in result.stdout and "timm" in result.stdout
-    assert "FAILED: backbone plugin 'broken' (package fake-plugins 1.2)" in result.stderr
-    assert result.returncode == 1
+    code, stdout, stderr = backbones_command()
+    assert "goodnet" in stdout and "timm" in stdout
+    assert "FAILED: backbone plugin 'broken' (package fake-plugins 1.2)" in stderr
+    assert code == 1
 
 
 def _dist_info(site, package, version, entries):
@@ -149,13 +156,10 @@ def test_check_plugins_builds_each_and_names_violations(checked_plugins):
 
 
 def test_backbones_check_command(checked_plugins):
-    env = cpu_env(PYTHONPATH=str(checked_plugins))
-    result = subprocess.run([sys.executable, "-m", "eatdist", "backbones", "--check"], capture_output=True,
-                            text=True, env=env, cwd=REPO)  # fmt: skip
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    err = result.stderr.splitlines()
+    code, stdout, stderr = backbones_command("--check")
+    assert code == 1 and "Traceback" not in stderr
     failed = "FAILED: backbone plugin 'flatnet' (package zz-breakers 0.1): violates the backbone contract: "
-    assert failed in result.stderr
+    assert failed in stderr
     assert any(line.startswith("CLASH: backbone 'goodnet' is registered by 2 packages: fake-plugins 1.2 is used")
-               for line in err)  # fmt: skip
-    assert "check: backbone plugin 'goodnet' (package fake-plugins 1.2): ok" in result.stdout
+               for line in stderr.splitlines())  # fmt: skip
+    assert "check: backbone plugin 'goodnet' (package fake-plugins 1.2): ok" in stdout

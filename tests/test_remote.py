@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 import webdataset as wds
 
-from conftest import TINY_TRAIN, accelerate_launch, cpu_env, moto_s3, run, write_corpus
+from conftest import TINY_TRAIN, accelerate_launch, cpu_env, moto_s3, run, untrained_package, write_corpus
 from eatdist.data.check import check_corpus
 from eatdist.data.corpus import load_dataset_info
 from eatdist.data.inputs import resolve_shards
@@ -365,10 +365,8 @@ def test_missing_shard_is_named_counted_and_ranks_stay_equal(http, tmp_path):
 
 @pytest.fixture(scope="module")
 def package(served: ShardServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("model") / "run"
-    args = ["train", *TRAIN, "data.num_workers=0", f"data.root={served.root / 'corpus'}", f"train.output_dir={out}"]
-    assert run([sys.executable, "-m", "eatdist", *args]).returncode == 0
-    return out / "model"
+    """An untrained package over the served corpus: where the shards come from needs no training."""
+    return untrained_package(load_dataset_info(served.root / "corpus"), tmp_path_factory.mktemp("model"))
 
 
 def explained_keys(folder: Path) -> Counter[str]:
