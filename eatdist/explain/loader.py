@@ -120,7 +120,9 @@ class ShardChunks(IterableDataset):
         chunk.keys.append(key)
         chunk.truths.append(_true_class(sample))
         if self.jpegs_for:
-            chunk.jpegs = (chunk.jpegs or []) + [jpeg]
+            if chunk.jpegs is None:
+                chunk.jpegs = []
+            chunk.jpegs.append(jpeg)
         if jpeg is not None:  # decoded on the model's device (decode_chunk); its place kept meanwhile
             if self.keep_images:
                 chunk.images.append(np.zeros((0, 0, 3), dtype=np.uint8))
