@@ -98,23 +98,42 @@ def test_per_attribute_tables_add_up_to_the_aggregate_accuracy(reference):
     assert final["val_loss"] > 0 and "lr" in final
 
 
-def test_mlflow_and_tensorboard_receive_the_metrics(reference):
-    from mlflow.tracking import MlflowClient
+MLFLOW_READ = """
+import json, sys
+from mlflow.tracking import MlflowClient
+client = MlflowClient(tracking_uri=sys.argv[1])
+runs = [r for e in client.search_experiments() if e.name == "eatdist" for r in client.search_runs([e.experiment_id])]
+history = lambda run, key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+print(json.dumps([{
+    "metrics": {k: history(r, k) for k in sys.argv[2:]},
+    "params": r.data.params,
+    "images": [a.path for a in client.list_artifacts(r.info.run_id, "images")],
+} for r in runs]))
+"""
 
+
+def mlflow_runs(out, *keys):
+    """MLflow's record of the run in `out`, read in a child process: MLflow's client leaves threads
+    behind, and a later test's fork from a threaded pytest process can hang."""
+    uri = (out / "mlruns").resolve().as_uri()
+    result = run([sys.executable, "-c", MLFLOW_READ, uri, *keys], env=env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_mlflow_and_tensorboard_receive_the_metrics(reference):
     out, _ = reference
     assert list((out / "tensorboard" / "eatdist").glob("events.out.tfevents.*"))
-    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
-    (experiment,) = [e for e in client.search_experiments() if e.name == "eatdist"]
-    (mlrun,) = client.search_runs([experiment.experiment_id])
+    keys = ("val_top1", "val_loss", "lr", "images_per_s")
+    (mlrun,) = mlflow_runs(out, *(f"epoch/{k}" for k in keys), "step/loss")
     epochs = records(out, "epoch")
-    for key in ("val_top1", "val_loss", "lr", "images_per_s"):
-        history = sorted(client.get_metric_history(mlrun.info.run_id, f"epoch/{key}"), key=lambda m: m.step)
-        assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r[key])) for r in epochs]
-    steps = client.get_metric_history(mlrun.info.run_id, "step/loss")
-    assert len(steps) == len(records(out, "step")) == 48
-    assert mlrun.data.params["train.ema"] == "True" and mlrun.data.params["loss.label_smoothing"] == "0.1"
-    artifacts = [a.path for a in client.list_artifacts(mlrun.info.run_id, "images")]
-    assert len(artifacts) >= 2  # explained validation images
+    for key in keys:
+        assert [tuple(m) for m in mlrun["metrics"][f"epoch/{key}"]] == [
+            (r["step"], pytest.approx(r[key])) for r in epochs
+        ]
+    assert len(mlrun["metrics"]["step/loss"]) == len(records(out, "step")) == 48
+    assert mlrun["params"]["train.ema"] == "True" and mlrun["params"]["loss.label_smoothing"] == "0.1"
+    assert len(mlrun["images"]) >= 2  # explained validation images
 
 
 def test_preempted_run_resumes_to_the_same_ema_and_best_packages(corpus, reference, tmp_path):
@@ -135,8 +154,4 @@ def test_preempted_run_resumes_to_the_same_ema_and_best_packages(corpus, referen
     assert [(r["step"], r["loss"]) for r in records(out, "step")] == [
         (r["step"], r["loss"]) for r in records(ref, "step")
     ]
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
-    experiment = client.get_experiment_by_name("eatdist")
-    assert len(client.search_runs([experiment.experiment_id])) == 1  # the resumed run logs on to the same MLflow run
+    assert len(mlflow_runs(out)) == 1  # the resumed run logs on to the same MLflow run
