@@ -11,7 +11,6 @@ shard leaves with its index (:mod:`eatdist.data.shardindex`), ready to be upload
 from __future__ import annotations
 
 import json
-import multiprocessing
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from eatdist.data.corpus import DATASET_FILE, IMAGE_EXTENSIONS, load_dataset_inf
 from eatdist.data.pipeline import BadSample, decode_image, parse_labels
 from eatdist.data.remote import is_remote, name_of
 from eatdist.data.shardindex import load_index
-from eatdist.data.shards import iter_shard
+from eatdist.data.shards import iter_shard, shard_pool
 from eatdist.errors import DataError
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_/-]+$")
@@ -220,7 +219,7 @@ def check_corpus(root: str | Path, workers: int = 1, progress: bool = True) -> C
     results: Iterator[ShardCheck]
     pool = None
     if workers > 1 and len(jobs) > 1:
-        pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)))
+        pool = shard_pool(min(workers, len(jobs)))
         results = pool.imap(check_shard, jobs)
     else:
         results = map(check_shard, jobs)

@@ -9,6 +9,8 @@ stopped it, so every sample comes exactly once, the same bytes as from a local f
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.pool
 import os
 import time
 import uuid
@@ -40,6 +42,16 @@ log = logging.getLogger(__name__)
 REMOTE_CHUNK = 8 << 20
 LOCAL_CHUNK = 1 << 20
 _warned: set[tuple[str, str]] = set()
+
+
+def shard_pool(workers: int) -> multiprocessing.pool.Pool:
+    """A pool of ``workers`` processes for per-shard jobs (synth, convert, check).
+
+    Started through a fork server, not by forking this process: a caller that already runs threads
+    (torch's, a tracker's, a notebook's) can hold a lock at the moment of a fork, and the forked
+    worker then waits on it forever. Jobs and results travel pickled, as with any pool.
+    """
+    return multiprocessing.get_context("forkserver").Pool(workers)
 
 
 def _warn_once(url: str, kind: str, message: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from eatdist.config import SynthConfig
 from eatdist.data.corpus import DatasetInfo, ShardInfo
-from eatdist.data.shards import AtomicShardWriter
+from eatdist.data.shards import AtomicShardWriter, shard_pool
 from eatdist.errors import ConfigError
 
 SHAPES = ["round", "square", "triangular", "diamond", "cross"]
@@ -317,7 +316,7 @@ def generate(cfg: SynthConfig, out: str | Path | None = None, progress: bool = T
     tasks = [(cfg, prototypes, job) for job in jobs]
     bar = tqdm(total=sum(j.count for j in jobs), desc="synth", unit="img", disable=not progress)
     if cfg.workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("fork").Pool(cfg.workers) as pool:
+        with shard_pool(cfg.workers) as pool:
             for n in pool.imap_unordered(_write_shard, tasks):
                 bar.update(n)
     else:

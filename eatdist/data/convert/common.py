@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import multiprocessing
 import os
 import re
 import zlib
@@ -24,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from eatdist.data.corpus import DATASET_FILE, DatasetInfo, ShardInfo
-from eatdist.data.shards import AtomicShardWriter
+from eatdist.data.shards import AtomicShardWriter, shard_pool
 from eatdist.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -440,7 +439,7 @@ def write_corpus(
     results: Iterator[tuple[int, list[dict[str, str]]]]
     pool = None
     if opts.workers > 1 and len(jobs) > 1:
-        pool = multiprocessing.get_context("fork").Pool(min(opts.workers, len(jobs)))
+        pool = shard_pool(min(opts.workers, len(jobs)))
         results = pool.imap(_write_shard, jobs)
     else:
         results = map(_write_shard, jobs)
