@@ -1,7 +1,8 @@
 """Run inside a private PID and network namespace by tests/test_explain_ray.py: a local Ray cluster
 (a head and two worker nodes on 127.0.0.1), moto's S3 server, and ``eatdist explain --engine ray
 --output s3://bucket/expl`` twice: the first run loses an actor mid-shard and then its driver,
-the rerun loses a worker node; then two shards through Ray Client (``ray://``) into a folder.
+the rerun loses a worker node; then two shards through Ray Client (``ray://``) into a folder, and
+two more by a driver that starts a local Ray cluster of its own (no address).
 Writes what it saw to a JSON file; the test asserts on it and on the output shards. Every
 process ends with the namespace.
 
@@ -181,6 +182,20 @@ def main() -> None:
     if result["client"]["rc"] != 0:  # Ray Client's server logs say why; the temp folder goes with the test
         logs = sorted(Path(temp).glob("session_latest/logs/ray_client_server*"))
         result["client"]["stderr"] += "".join(f"\n== {p.name}\n" + p.read_text()[-3000:] for p in logs)
+
+    # No address at all: the driver starts a Ray cluster of its own (this one stopped first, so
+    # the two cores are free), explains two shards into a folder, and takes it down on exit.
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+    alone = {k: v for k, v in env.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": f"{temp}/own"}
+    clock = time.monotonic()
+    log = work / "local.log"
+    cmd = [sys.executable, "-m", "eatdist", "explain", "--engine", "ray", "--model", spec["package"], "--input",
+           str(Path(spec["corpus"]) / "test-00000[23].tar"), "--output", str(work / "local-out"),
+           "explain.batch_size=4", "explain.num_workers=0"]  # fmt: skip
+    local = subprocess.run(cmd, env=alone, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, timeout=300)
+    result["local"] = {"rc": local.returncode, "stdout": local.stdout, "stderr": log.read_text()[-6000:],
+                       "left": [c for c in processes().values() if "raylet" in c or "gcs_server" in c],
+                       "seconds": time.monotonic() - clock}  # fmt: skip
 
     Path(spec["result"]).write_text(json.dumps(result))
     s3.stop()

@@ -108,3 +108,13 @@ def test_a_driver_joins_through_ray_client(cluster_run):
     assert f"explained {2 * PER_SHARD} images from 2 shards" in client["stdout"]
     out = work / "client-out"
     assert keys(sorted(out.glob("*.tar"))) == keys(sorted(corpus.root.glob("test-00000[01].tar")))
+
+
+@pytest.mark.slow
+def test_a_driver_without_an_address_starts_its_own_cluster(cluster_run):
+    result, corpus, work = cluster_run
+    local = result["local"]
+    assert local["rc"] == 0, local["stderr"]
+    assert f"explained {2 * PER_SHARD} images from 2 shards" in local["stdout"]
+    assert keys(sorted((work / "local-out").glob("*.tar"))) == keys(sorted(corpus.root.glob("test-00000[23].tar")))
+    assert not local["left"]  # the cluster it started ends with it
