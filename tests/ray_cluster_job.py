@@ -106,12 +106,12 @@ def main() -> None:
     env["RAY_ADDRESS"] = address
     result: dict = {"nodes_started": 3}
 
-    def explain(output: str, log: Path, inputs: str = spec["corpus"], *extra: str) -> subprocess.Popen:
+    def explain(output: str, log: Path, inputs: str = spec["corpus"], *extra: str, environ=env) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "eatdist", "explain", "--engine", "ray", "--model", spec["package"], "--input",
                inputs, "--output", output, "explain.batch_size=4", "explain.num_workers=0",
                # every picture: shards long enough for the kills below to land while actors work
                "explain.outputs=[json, txt, heatmaps.npy, image, overlay, attr_maps]", *extra]  # fmt: skip
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        return subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
 
     def finish(proc: subprocess.Popen, log: Path) -> dict:
         out, _ = proc.communicate(timeout=300)
@@ -189,13 +189,9 @@ def main() -> None:
     alone = {k: v for k, v in env.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": f"{temp}/own"}
     clock = time.monotonic()
     log = work / "local.log"
-    cmd = [sys.executable, "-m", "eatdist", "explain", "--engine", "ray", "--model", spec["package"], "--input",
-           str(Path(spec["corpus"]) / "test-00000[23].tar"), "--output", str(work / "local-out"),
-           "explain.batch_size=4", "explain.num_workers=0"]  # fmt: skip
-    local = subprocess.run(cmd, env=alone, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, timeout=300)
-    result["local"] = {"rc": local.returncode, "stdout": local.stdout, "stderr": log.read_text()[-6000:],
-                       "left": [c for c in processes().values() if "raylet" in c or "gcs_server" in c],
-                       "seconds": time.monotonic() - clock}  # fmt: skip
+    local = explain(str(work / "local-out"), log, str(Path(spec["corpus"]) / "test-00000[23].tar"), environ=alone)
+    result["local"] = finish(local, log) | {"seconds": time.monotonic() - clock}
+    result["local"]["left"] = [c for c in processes().values() if "raylet" in c or "gcs_server" in c]
 
     Path(spec["result"]).write_text(json.dumps(result))
     s3.stop()

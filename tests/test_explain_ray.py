@@ -100,21 +100,20 @@ def test_every_key_once_in_the_bucket_after_a_lost_worker_node(cluster_run):
     assert json.loads((copy / "explain_summary.json").read_text())["explained"] == SHARDS * PER_SHARD
 
 
+def explained_two_shards(run, out, pattern):
+    assert run["rc"] == 0, run["stderr"]
+    assert f"explained {2 * PER_SHARD} images from 2 shards" in run["stdout"]
+    assert keys(sorted(out.glob("*.tar"))) == keys(sorted(pattern))  # every key once
+
+
 @pytest.mark.slow
 def test_a_driver_joins_through_ray_client(cluster_run):
     result, corpus, work = cluster_run
-    client = result["client"]
-    assert client["rc"] == 0, client["stderr"]
-    assert f"explained {2 * PER_SHARD} images from 2 shards" in client["stdout"]
-    out = work / "client-out"
-    assert keys(sorted(out.glob("*.tar"))) == keys(sorted(corpus.root.glob("test-00000[01].tar")))
+    explained_two_shards(result["client"], work / "client-out", corpus.root.glob("test-00000[01].tar"))
 
 
 @pytest.mark.slow
 def test_a_driver_without_an_address_starts_its_own_cluster(cluster_run):
     result, corpus, work = cluster_run
-    local = result["local"]
-    assert local["rc"] == 0, local["stderr"]
-    assert f"explained {2 * PER_SHARD} images from 2 shards" in local["stdout"]
-    assert keys(sorted((work / "local-out").glob("*.tar"))) == keys(sorted(corpus.root.glob("test-00000[23].tar")))
-    assert not local["left"]  # the cluster it started ends with it
+    explained_two_shards(result["local"], work / "local-out", corpus.root.glob("test-00000[23].tar"))
+    assert not result["local"]["left"]  # the cluster it started ends with it
