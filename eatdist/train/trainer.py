@@ -193,17 +193,20 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.updates_per_epoch, cfg.train.epochs)
         configure_deepspeed(acc, cfg)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        # The bare model inside whatever prepare() wrapped it in (DDP, a DeepSpeed engine): the one
+        # acc.unwrap_model returns, without the DeepSpeed import it makes whenever DeepSpeed is installed.
+        self.module: EATModel = model
         self.ema: WeightAverage | None = None
         if cfg.train.ema:
             if zero_stage(acc) == 3:
                 raise ConfigError("config key 'train.ema': not supported with DeepSpeed ZeRO-3 (partitioned weights)")
-            self.ema = WeightAverage(acc.unwrap_model(self.model), cfg.train.ema_decay, cfg.train.ema_warmup, acc)
+            self.ema = WeightAverage(self.module, cfg.train.ema_decay, cfg.train.ema_warmup, acc)
         if cfg.train.compile:
             if uses_deepspeed(acc):
                 raise ConfigError("config key 'train.compile': not supported together with DeepSpeed")
             self.model = torch.compile(self.model)
         # Under DeepSpeed bf16/fp16 the parameters themselves are low precision: inputs follow.
-        self.input_dtype = next(acc.unwrap_model(self.model).parameters()).dtype
+        self.input_dtype = next(self.module.parameters()).dtype
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimizer updates
         # Where the current epoch stands: its finished phases and the steps of the current one.
@@ -298,9 +301,9 @@ class Trainer:
         Raises:
             ReplicaError: when the ranks' parameters differ; no checkpoint of a forked run is written.
         """
-        check_replicas(self.accelerator.unwrap_model(self.model), self.accelerator, self.global_step)
+        check_replicas(self.module, self.accelerator, self.global_step)
         self._write_keys()
-        path = self.store.save(self.global_step, self.state_dict(), self.accelerator.unwrap_model(self.model))
+        path = self.store.save(self.global_step, self.state_dict(), self.module)
         log.info("checkpoint %s at step %d", path, self.global_step)
         return path
 
@@ -365,7 +368,7 @@ class Trainer:
             )
             if cfg.loss.localisation_weight > 0:
                 with acc.autocast():
-                    maps = acc.unwrap_model(self.model).attr_head.maps(out.features)
+                    maps = self.module.attr_head.maps(out.features)
                 loss = loss + cfg.loss.localisation_weight * localisation_loss(
                     maps, batch["attr_boxes"], batch["box_mask"], batch["attributes"], batch["weight"]
                 )
@@ -379,9 +382,9 @@ class Trainer:
                 self.global_step += 1
                 self.scheduler.step_update(self.global_step)
                 if self.global_step == 1:
-                    diverge_for_test(acc.unwrap_model(self.model), acc)
+                    diverge_for_test(self.module, acc)
                 if self.ema is not None:
-                    self.ema.update(acc.unwrap_model(self.model), self.global_step)
+                    self.ema.update(self.module, self.global_step)
         return loss.detach()
 
     def _entry_weights(self, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -480,7 +483,7 @@ class Trainer:
         """Return the model that is evaluated and exported: the weight average with ``train.ema``."""
         if self.ema is not None:
             return self.ema.module  # type: ignore[return-value]
-        return self.accelerator.unwrap_model(self.model)
+        return self.module
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Evaluate the model that is exported on ``split``; keep its per-attribute table."""
@@ -653,8 +656,10 @@ class Trainer:
         path = self.run_dir / folder
         if self.ema is not None:
             state = self.ema.state_dict()
-        else:
+        elif uses_deepspeed(acc):
             state = acc.get_state_dict(self.model)  # a collective under ZeRO-3
+        else:
+            state = self.module.state_dict()
         if acc.is_main_process:
             cfg = self.cfg
             model = build_model(
@@ -676,7 +681,7 @@ class Trainer:
         acc = self.accelerator
         folder = self.run_dir / "ranks"
         folder.mkdir(parents=True, exist_ok=True)
-        digest = check_replicas(acc.unwrap_model(self.model), acc, self.global_step)
+        digest = check_replicas(self.module, acc, self.global_step)
         report = {
             "rank": acc.process_index,
             "world": acc.num_processes,
