@@ -157,8 +157,10 @@ def main() -> None:
     clock = time.monotonic()
     log = work / "rerun.log"
     proc = explain("s3://bucket/expl", log)
-    busy = wait_until(lambda: len(explaining_actors()) >= 2, 240) is not None
     [raylet] = first_worker
+    # the moment an actor of that node explains a shard (a fast machine may finish the rerun's
+    # shards in seconds: waiting for more work in flight could miss it)
+    busy = wait_until(lambda: [p for p in explaining_actors() if _parent(p) == raylet], 120) is not None
     children = [p for p in processes() if _parent(p) == raylet]
     for pid in (raylet, *children):
         try:

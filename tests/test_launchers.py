@@ -237,7 +237,7 @@ def test_torchrun_elastic_nodes_finish_without_the_stopped_one(corpus, tmp_path)
     args = train_args(corpus, out, "train.record_keys=true")
     # node 0 hosts the rendezvous store, so stopping node 1 leaves it standing; the last call
     # (how long a rendezvous with enough nodes waits for more) lets node 1 join the first one
-    conf = "last_call_timeout=10,join_timeout=120"
+    conf = "last_call_timeout=10,join_timeout=120,keep_alive_interval=1,keep_alive_max_attempt=3"
     node0 = start(torchrun(*rendezvous, "--rdzv_conf", f"is_host=true,{conf}") + args, plain_env())
     time.sleep(2)
     node1 = start(torchrun(*rendezvous, "--rdzv_conf", f"is_host=false,{conf}") + args, plain_env())
