@@ -101,8 +101,8 @@ def main() -> None:
                    capture_output=True)  # fmt: skip
     before = raylets()
     subprocess.run([RAY, "start", "--address", address, *node], env=env, check=True, capture_output=True)
-    first_worker = raylets() - before
     subprocess.run([RAY, "start", "--address", address, *node], env=env, check=True, capture_output=True)
+    worker_nodes = raylets() - before
     env["RAY_ADDRESS"] = address
     result: dict = {"nodes_started": 3}
 
@@ -157,17 +157,17 @@ def main() -> None:
     clock = time.monotonic()
     log = work / "rerun.log"
     proc = explain("s3://bucket/expl", log)
-    [raylet] = first_worker
-    # the moment an actor of that node explains a shard (a fast machine may finish the rerun's
-    # shards in seconds: waiting for more work in flight could miss it)
-    busy = wait_until(lambda: [p for p in explaining_actors() if _parent(p) == raylet], 120) is not None
+    # the first worker node whose actor explains a shard (an actor that starts late may find no
+    # shard left on a fast machine, so the node is not chosen beforehand)
+    busy = wait_until(lambda: [p for p in explaining_actors() if _parent(p) in worker_nodes], 120)
+    raylet = _parent(busy[0]) if busy else min(worker_nodes)
     children = [p for p in processes() if _parent(p) == raylet]
     for pid in (raylet, *children):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    result["rerun"] = finish(proc, log) | {"busy_before": busy, "killed_processes": 1 + len(children),
+    result["rerun"] = finish(proc, log) | {"busy_before": bool(busy), "killed_processes": 1 + len(children),
                                            "seconds": time.monotonic() - clock}  # fmt: skip
     result["after"] = published("expl")
     status = subprocess.run([sys.executable, "-m", "eatdist", "explain", "--status", "s3://bucket/expl"],
