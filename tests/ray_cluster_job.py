@@ -152,22 +152,26 @@ def main() -> None:
     result["first"] = {"victim": bool(victim), "requeued": requeued, "stderr": log.read_text()[-6000:],
                        "done_at_kill": done, "actors_gone": gone, "seconds": time.monotonic() - clock}  # fmt: skip
 
-    # The same command again; a worker node lost while its actors explain (its raylet killed, and
+    # The same command again; a worker node with one of its actors lost while it runs (its raylet killed, and
     # the processes it started with it).
     clock = time.monotonic()
     log = work / "rerun.log"
     proc = explain("s3://bucket/expl", log)
-    # the first worker node whose actor explains a shard (an actor that starts late may find no
-    # shard left on a fast machine, so the node is not chosen beforehand)
-    busy = wait_until(lambda: [p for p in explaining_actors() if _parent(p) in worker_nodes], 120)
-    raylet = _parent(busy[0]) if busy else min(worker_nodes)
+    # a worker node that holds one of the job's actors, killed while the job runs (best while that
+    # actor explains a shard; on a fast machine an actor that starts late may find none left)
+    started = wait_until(lambda: [p for p in actors() if _parent(p) in worker_nodes], 120)
+    busy = wait_until(lambda: [p for p in explaining_actors() if _parent(p) in worker_nodes], 3, 0.005)
+    victim = (busy or started or [None])[0]
+    raylet = _parent(victim) if victim else min(worker_nodes)
+    running = proc.poll() is None
     children = [p for p in processes() if _parent(p) == raylet]
     for pid in (raylet, *children):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    result["rerun"] = finish(proc, log) | {"busy_before": bool(busy), "killed_processes": 1 + len(children),
+    result["rerun"] = finish(proc, log) | {"actor_on_lost_node": bool(started), "running_when_killed": running,
+                                           "explaining_when_killed": bool(busy), "killed_processes": 1 + len(children),
                                            "seconds": time.monotonic() - clock}  # fmt: skip
     result["after"] = published("expl")
     status = subprocess.run([sys.executable, "-m", "eatdist", "explain", "--status", "s3://bucket/expl"],

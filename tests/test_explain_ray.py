@@ -88,7 +88,8 @@ def test_killed_actor_and_killed_driver_leave_only_unfinished_shards_to_the_reru
 def test_every_key_once_in_the_bucket_after_a_lost_worker_node(cluster_run):
     result, corpus, work = cluster_run
     rerun = result["rerun"]
-    assert rerun["busy_before"] and rerun["killed_processes"] >= 1
+    # the node held one of the job's actors and went while the job ran
+    assert rerun["actor_on_lost_node"] and rerun["running_when_killed"] and rerun["killed_processes"] >= 1
     assert rerun["rc"] == 0, rerun["stderr"]
     assert result["status"]["rc"] == 0 and f"done {SHARDS}, claimed 0" in result["status"]["stdout"]
     copy = work / "copy"
