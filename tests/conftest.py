@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -202,8 +203,45 @@ def accelerate_launch(args: list[str], processes: int = 2) -> list[str]:
     ]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process started, directly or not, by ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(cmd, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    """Run ``cmd`` to the end; past ``timeout`` every process of it prints its threads' stacks, then fails."""
+    env = dict(env or cpu_env(), PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # faulthandler answers SIGABRT with every thread's stack: where a hung run stood
+        for pid in [*descendants(proc.pid), proc.pid]:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            for pid in [*descendants(proc.pid), proc.pid]:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        print(out[-4000:])
+        print(err[-20000:])
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if result.returncode != 0:
         print(result.stdout[-4000:])
         print(result.stderr[-4000:])

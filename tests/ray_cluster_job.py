@@ -156,13 +156,19 @@ def main() -> None:
     # the processes it started with it).
     clock = time.monotonic()
     log = work / "rerun.log"
+    old = set(actors())  # a first-run actor still ending is not the rerun's
     proc = explain("s3://bucket/expl", log)
-    # a worker node that holds one of the job's actors, killed while the job runs (best while that
-    # actor explains a shard; on a fast machine an actor that starts late may find none left)
-    started = wait_until(lambda: [p for p in actors() if _parent(p) in worker_nodes], 120)
-    busy = wait_until(lambda: [p for p in explaining_actors() if _parent(p) in worker_nodes], 3, 0.005)
-    victim = (busy or started or [None])[0]
-    raylet = _parent(victim) if victim else min(worker_nodes)
+
+    def on_worker_nodes(pids: list[int]) -> list[tuple[int, int]]:
+        """(actor, its node's raylet) for the rerun's actors on a worker node, the raylet read now."""
+        return [(p, r) for p in pids if p not in old and (r := _parent(p)) in worker_nodes]
+
+    # a worker node that holds one of the job's actors, killed while the job runs: as soon as that
+    # actor explains a shard, or a second after it appeared (a short job may end before it explains)
+    started = wait_until(lambda: on_worker_nodes(actors()), 120)
+    appeared = time.monotonic() - clock
+    busy = wait_until(lambda: on_worker_nodes(explaining_actors()), 1, 0.005) if started else None
+    _, raylet = (busy or started or [(None, min(worker_nodes))])[0]
     running = proc.poll() is None
     children = [p for p in processes() if _parent(p) == raylet]
     for pid in (raylet, *children):
@@ -170,9 +176,9 @@ def main() -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    result["rerun"] = finish(proc, log) | {"actor_on_lost_node": bool(started), "running_when_killed": running,
-                                           "explaining_when_killed": bool(busy), "killed_processes": 1 + len(children),
-                                           "seconds": time.monotonic() - clock}  # fmt: skip
+    lost = {"actor_on_lost_node": bool(started), "running_when_killed": running, "explaining_when_killed": bool(busy),
+            "killed_processes": 1 + len(children), "actor_appeared_s": appeared}  # fmt: skip
+    result["rerun"] = finish(proc, log) | lost | {"seconds": time.monotonic() - clock}
     result["after"] = published("expl")
     status = subprocess.run([sys.executable, "-m", "eatdist", "explain", "--status", "s3://bucket/expl"],
                             env=env, capture_output=True, text=True)  # fmt: skip
