@@ -195,6 +195,34 @@ def test_tar_members_from_encoding_processes_equal_the_shard_writers_layout(tmp_
         tar_members([{"__key__": "a.b", "json": b"{}"}], "b.tar")
 
 
+def test_member_headers_equal_tarfiles_for_every_name_and_size():
+    import tarfile
+
+    from eatdist.explain.encode import MemberHeaders
+
+    headers = MemberHeaders()
+    names = ["k.json", "d/k_0001.heatmaps.npy", "x" * 95 + ".json", "y" * 100, "z" * 101, "café.txt", "a\udcff.b"]
+    for name in names:
+        for size in (0, 1, 511, 512, 70_000, 8**11 - 1, 8**11):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "eatdist", "eatdist"
+            expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            assert headers.header(name, size) == expected, (name, size)
+
+
+def test_npy_bytes_equal_np_save_for_every_layout():
+    from eatdist.explain.encode import npy_bytes
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((3, 2, 2)).astype(np.float16), rng.random((1, 7, 7)).astype(np.float32)[:, ::2],
+              np.zeros((0, 4), np.float16), np.arange(5), np.asfortranarray(rng.random((3, 4))), np.array(3.0),
+              rng.random((2, 3)).astype(">f4")]  # fmt: skip
+    for array in arrays:
+        saved = io.BytesIO()
+        np.save(saved, array, allow_pickle=False)
+        assert npy_bytes(array) == npy_bytes(array) == saved.getvalue(), array.shape
+
+
 def test_a_killed_encoding_process_fails_the_job_with_one_line_and_publishes_nothing(tmp_path, package):
     import os
     import signal

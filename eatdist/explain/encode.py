@@ -69,11 +69,26 @@ class Outputs:
         return [p for p in self.parts if p.split(".", 1)[0] in IMAGE_PARTS]
 
 
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
-    """Return ``array`` in ``.npy`` format (no pickles)."""
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+    """Return ``array`` in ``.npy`` format (no pickles), byte for byte as ``np.save`` writes it; the
+    header of each dtype and shape is made once."""
+    if array.flags.f_contiguous and not array.flags.c_contiguous:  # np.save keeps Fortran order
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        return buf.getvalue()
+    array = array if array.flags.c_contiguous else array.copy(order="C")
+    key = (array.dtype.str, array.shape)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(array.shape, array.dtype), allow_pickle=False)
+        header = buf.getvalue()[: len(buf.getvalue()) - array.nbytes]
+        if len(_NPY_HEADERS) < 256:  # a job sees a handful of map shapes
+            _NPY_HEADERS[key] = header
+    return header + array.tobytes()
 
 
 @dataclass
@@ -129,10 +144,44 @@ def encode_batch(task: EncodeTask, meta: PackageMeta, outputs: Outputs) -> list[
     return samples
 
 
+class MemberHeaders:
+    """Tar headers of regular members as ``webdataset.TarWriter`` writes them (PAX format, mode 0444,
+    mtime 0, owner eatdist), made from one template that tarfile itself wrote: only the name, size
+    and checksum differ between members. A name that is not ASCII or longer than 100 bytes, or a
+    size of 8 GiB or more, needs a PAX extended header: tarfile writes those."""
+
+    def __init__(self) -> None:
+        block = bytearray(self._tarfile("", 0))
+        block[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
+        self.template = bytes(block)
+        self.base = sum(block) - sum(block[124:136])  # without the size field
+
+    @staticmethod
+    def _tarfile(name: str, size: int) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "eatdist", "eatdist"
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+    def header(self, name: str, size: int) -> bytes:
+        """Return the header block(s) of the member ``name`` holding ``size`` bytes."""
+        raw = name.encode("utf-8", "surrogateescape")
+        if len(raw) > 100 or size >= 8**11 or not raw.isascii():
+            return self._tarfile(name, size)
+        size_field = b"%011o\0" % size
+        block = bytearray(self.template)
+        block[: len(raw)] = raw
+        block[124:136] = size_field
+        block[148:155] = b"%06o\0" % (self.base + sum(raw) + sum(size_field))
+        return bytes(block)
+
+
+_HEADERS = MemberHeaders()
+
+
 def tar_members(samples: list[dict[str, Any]], where: str) -> tuple[bytes, list[int]]:
     """Return ``samples`` as tar members, laid out byte for byte as the shard writer's
-    ``webdataset.TarWriter`` lays them out (parts sorted by name, mode 0444, mtime 0, owner
-    eatdist), and where each sample starts; built here so that encoding processes do it.
+    ``webdataset.TarWriter`` lays them out (parts sorted by name, :class:`MemberHeaders`), and where
+    each sample starts; built here so that encoding processes do it.
 
     Raises:
         DataError: for a key WebDataset would read back split (a dot), naming ``where``.
@@ -146,9 +195,7 @@ def tar_members(samples: list[dict[str, Any]], where: str) -> tuple[bytes, list[
             if ext == "__key__":
                 continue
             data = sample[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "eatdist", "eatdist"
-            out += info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            out += _HEADERS.header(f"{key}.{ext}", len(data))
             out += data
             out += bytes(-len(data) % tarfile.BLOCKSIZE)
     return bytes(out), offsets

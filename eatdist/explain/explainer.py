@@ -35,6 +35,14 @@ class BatchResult:
     peaks: list[list[float]]  # [B, 1 + K] map maxima before normalisation (0: an all-zero map)
     maps: np.ndarray  # [B, 1 + K, h, w] float16, each map scaled to a maximum of 1; K = the most named
     check: dict[str, Any] = field(default_factory=dict)  # :func:`attribute_check` of the model
+    _rounded: list[list[float]] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def rounded_probs(self, b: int) -> list[float]:
+        """Return image ``b``'s attribute probabilities to 4 decimals, exactly as ``round(p, 4)``:
+        a float32 probability times 1e4 is exact in float64, so one array operation rounds the batch."""
+        if self._rounded is None:
+            self._rounded = (np.rint(np.asarray(self.attr_probs, dtype=np.float64) * 1e4) / 1e4).tolist()
+        return self._rounded[b]
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -82,7 +90,7 @@ class BatchResult:
                 }
                 for a, s in self.contrasts[b]
             ],  # fmt: skip
-            "attribute_probabilities": [round(p, 4) for p in probs],
+            "attribute_probabilities": self.rounded_probs(b),
             "map_peaks": [float(f"{p:.5g}") for p in peaks],  # significant digits: tiny peaks stay > 0
             "zero_maps": sum(p <= 0.0 for p in peaks),
             "attribute_check": self.check,
