@@ -17,7 +17,8 @@ process tree. Not a test: timings depend on the machine.
 
     python benchmarks/bench_explain.py [--cases test_resnet:64:512,resnet18:224:192,resnet18:224:96:448]
         [--workers 0,2] [--rows default,+overlay,+attr_maps,+image,all] [--batch 32] [--rounds 3]
-        [--bf16] [--channels-last] [--render-device auto|cpu] [--decode-device cpu|model] [--threads N]
+        [--bf16] [--channels-last] [--render-device auto|cpu] [--decode-device cpu|model]
+        [--encode-workers N] [--threads N]
     python benchmarks/bench_explain.py --command 6000 [--rounds 3] [--threads N]
 """
 
@@ -171,7 +172,8 @@ def bench_case(backbone: str, size: int, images: int, source: int, args: argpars
     case = f"{backbone} {size}px" + (f" from {source}px" if source != size else "")
     for workers in args.workers:
         base = dict(batch_size=args.batch, num_workers=workers, bf16=args.bf16, channels_last=args.channels_last,
-                    render_device=args.render_device, decode_device=args.decode_device)  # fmt: skip
+                    render_device=args.render_device, decode_device=args.decode_device,
+                    encode_workers=args.encode_workers)  # fmt: skip
         configs = {"plain": ExplainConfig(**base)} | {
             row: ExplainConfig(**base, outputs=ROWS[row]) for row in args.rows
         }
@@ -277,6 +279,8 @@ def main() -> None:
         choices=["cpu", "model"],
         help="where JPEG inputs are decoded, for plain inference and explanation alike",
     )
+    parser.add_argument("--encode-workers", type=int, default=None,
+                        help="explain.encode_workers (default: as many as the loader workers)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     parser.add_argument("--command", type=int, default=0, help="time whole commands on this many 64 px images")
     parser.add_argument("--plain", nargs=4, metavar=("PACKAGE", "CORPUS", "WORKERS", "BATCH"), help=argparse.SUPPRESS)
