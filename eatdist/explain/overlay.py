@@ -30,6 +30,7 @@ def colorize(heatmap: np.ndarray) -> np.ndarray:
 # The upsampled map is quantised to 8 bits, so the ramp is evaluated once on the 256 levels it
 # can take: a table lookup gives the same colours several times faster.
 _LUT = colorize(np.arange(256, dtype=np.float32) / np.float32(255.0))
+_PALETTE = _LUT.tobytes()
 
 
 def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -48,19 +49,27 @@ def _contour(full: np.ndarray) -> np.ndarray:
     return inside & ~interior
 
 
+def _opacity_table(alpha: float) -> list[int]:
+    """The tint's opacity for each of the 256 map levels (``int(level * alpha)``), a PIL point table."""
+    return (np.arange(256) * alpha).astype(np.uint8).tolist()
+
+
 def blend(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.6) -> Image.Image:
     """Return ``image`` (RGB) with ``heatmap`` (``[h, w]`` in [0, 1]) drawn over it; see the module docstring.
 
     The blend runs in PIL on 8-bit planes (``Image.composite`` with the opacity as its mask):
-    within one level of the float blend, several times faster.
+    within one level of the float blend, several times faster. The map's 8-bit levels become
+    colours and opacities through 256-entry tables (a palette, a point table), in PIL's C code.
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     full = upsample(heatmap, rgb.size)
-    level = (full * 255).astype(np.uint8)
-    opacity = Image.fromarray((level * alpha).astype(np.uint8), mode="L")  # no tint where the map is 0
-    out = np.array(Image.composite(Image.fromarray(_LUT[level]), rgb, opacity))
-    out[_contour(full)] = 255
-    return Image.fromarray(out)
+    level = Image.fromarray((full * 255).astype(np.uint8), mode="L")
+    opacity = level.point(_opacity_table(alpha))  # no tint where the map is 0
+    heat = level.copy()
+    heat.putpalette(_PALETTE)
+    out = Image.composite(heat.convert("RGB"), rgb, opacity)
+    out.paste((255, 255, 255), mask=Image.fromarray(_contour(full).astype(np.uint8) * 255, mode="L"))
+    return out
 
 
 def encode(image: Image.Image, fmt: str = "jpg") -> bytes:
