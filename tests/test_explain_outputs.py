@@ -195,6 +195,22 @@ def test_tar_members_from_encoding_processes_equal_the_shard_writers_layout(tmp_
         tar_members([{"__key__": "a.b", "json": b"{}"}], "b.tar")
 
 
+def test_overlay_is_the_float_blend_within_a_few_levels_with_a_white_contour():
+    from eatdist.explain.overlay import _contour, blend, colorize, upsample
+
+    rng = np.random.default_rng(1)
+    image = (rng.random((30, 40, 3)) * 255).astype(np.uint8)
+    heat = rng.random((4, 5)).astype(np.float32)
+    for alpha in (0.6, 1.0):
+        out = np.asarray(blend(Image.fromarray(image), heat, alpha)).astype(float)
+        full = upsample(heat, (40, 30))
+        weight = (alpha * full)[..., None]
+        expected = image * (1 - weight) + colorize(full) * weight
+        edge = _contour(full)
+        assert edge.any() and (out[edge] == 255).all()
+        assert np.abs(out[~edge] - expected[~edge]).max() <= 5  # the 8-bit level on a steep ramp: 4
+
+
 def test_member_headers_equal_tarfiles_for_every_name_and_size():
     import tarfile
 
