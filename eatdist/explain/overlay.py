@@ -8,6 +8,7 @@ the image keeps its own colours, and even where it looks most the object shows t
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -49,9 +50,10 @@ def _contour(full: np.ndarray) -> np.ndarray:
     return inside & ~interior
 
 
-def _opacity_table(alpha: float) -> list[int]:
-    """The tint's opacity for each of the 256 map levels (``int(level * alpha)``), a PIL point table."""
-    return (np.arange(256) * alpha).astype(np.uint8).tolist()
+@functools.lru_cache(maxsize=16)
+def opacity_table(alpha: float) -> tuple[int, ...]:
+    """The tint's opacity for each of the 256 map levels, ``floor(level * alpha)`` in float64."""
+    return tuple((np.arange(256) * alpha).astype(np.uint8).tolist())
 
 
 def blend(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.6) -> Image.Image:
@@ -64,7 +66,7 @@ def blend(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.6) -> Image.
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     full = upsample(heatmap, rgb.size)
     level = Image.fromarray((full * 255).astype(np.uint8), mode="L")
-    opacity = level.point(_opacity_table(alpha))  # no tint where the map is 0
+    opacity = level.point(opacity_table(alpha))  # no tint where the map is 0
     heat = level.copy()
     heat.putpalette(_PALETTE)
     out = Image.composite(heat.convert("RGB"), rgb, opacity)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-from eatdist.explain.overlay import _LUT, CONTOUR_LEVEL, STRIP_TILE
+from eatdist.explain.overlay import _LUT, CONTOUR_LEVEL, STRIP_TILE, opacity_table
 
 JPEG_QUALITY = 90  # as the PIL path
 GAP = 2  # white pixels between the tiles of a strip
@@ -69,8 +69,8 @@ def _tables(device: torch.device, alpha: float) -> tuple[torch.Tensor, torch.Ten
     """The colour of each of the 256 levels and the opacity PIL's path gives it (``floor(level * alpha)``)."""
     key = (device, alpha)
     if key not in _TABLES:
-        opacity = (np.arange(256) * alpha).astype(np.uint8)  # in float64, as the PIL path computes it
-        _TABLES[key] = (torch.from_numpy(_LUT).to(device), torch.from_numpy(opacity).to(device))
+        opacity = torch.tensor(opacity_table(alpha), dtype=torch.uint8)  # the PIL path's table
+        _TABLES[key] = (torch.from_numpy(_LUT).to(device), opacity.to(device))
     return _TABLES[key]
 
 
