@@ -210,6 +210,7 @@ def test_unreadable_shard_is_reported_and_the_others_explained(tmp_path, package
     result = subprocess.run(cmd, env=cpu_env(), cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
     assert "1 shard(s) not explained" in result.stderr and "test-000001.tar" in result.stderr
+    assert "explain:" not in result.stderr  # TQDM_DISABLE=1 (cpu_env) turns the progress bar off
     assert len(keys_of([out / "test-000000.tar"])) == 6 and not (out / "test-000001.tar").exists()
     summary = json.loads((out / "explain_summary.json").read_text())
     assert summary["incomplete_shards"] == [str(corpus.root / "test-000001.tar")]

@@ -242,8 +242,9 @@ class ExplainJob:
         self.mine: list[ShardReport] = []
         self.reading: dict[str, int] = {}  # samples read of this process's unpublished shards
         known = len(self.counts) == len(inputs)
+        # Rank 0 shows the bar; passing no ``disable`` there lets TQDM_DISABLE=1 turn it off.
         self.bar = tqdm(total=sum(self.counts.values()) if known else None, desc="explain", unit="img",
-                        disable=self.rank != 0, dynamic_ncols=True)  # fmt: skip
+                        dynamic_ncols=True, **({} if self.rank == 0 else {"disable": True}))  # fmt: skip
         self.job_wide = known
 
     def run(self) -> None:

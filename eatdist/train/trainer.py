@@ -407,8 +407,8 @@ class Trainer:
             initial=before + self.epoch_step,
             desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
             unit="step",
-            disable=not acc.is_main_process,
             dynamic_ncols=True,
+            **({} if acc.is_main_process else {"disable": True}),  # TQDM_DISABLE=1 applies on the main process
         )
         # Per-rank sums of this process's steps (see SUMS); on the device, read rarely.
         self.sums = torch.zeros(SUMS, dtype=torch.float64, device=acc.device)
