@@ -41,12 +41,17 @@ def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _contour(full: np.ndarray) -> np.ndarray:
-    """Pixels on the inside edge of the region where the map is at least half its peak."""
-    inside = full >= CONTOUR_LEVEL * max(float(full.max()), 1e-12)
-    if not full.any():
-        return np.zeros_like(inside)
-    padded = np.pad(inside, 1, mode="edge")
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    """Pixels on the inside edge of the region where the map is at least half its peak; ``full`` is
+    one ``[H, W]`` map or a stack ``[K, H, W]`` (each map its own peak and edge)."""
+    peak = full.max(axis=(-2, -1), keepdims=True)
+    inside = full >= CONTOUR_LEVEL * np.maximum(peak, 1e-12)
+    # A pixel is interior when its four neighbours are inside too; past the border a pixel is its
+    # own neighbour.
+    interior = inside.copy()
+    interior[..., 1:, :] &= inside[..., :-1, :]
+    interior[..., :-1, :] &= inside[..., 1:, :]
+    interior[..., :, 1:] &= inside[..., :, :-1]
+    interior[..., :, :-1] &= inside[..., :, 1:]
     return inside & ~interior
 
 
@@ -56,22 +61,27 @@ def opacity_table(alpha: float) -> tuple[int, ...]:
     return tuple((np.arange(256) * alpha).astype(np.uint8).tolist())
 
 
+def _tint(base: Image.Image, full: np.ndarray, edge: np.ndarray, alpha: float) -> Image.Image:
+    """Return ``base`` (RGB) with the upsampled map ``full`` (``[H, W]`` in [0, 1]) and its contour
+    ``edge`` drawn over it, on 8-bit planes in PIL's C code: the map's levels become colours and
+    opacities through 256-entry tables (a palette, a lookup), then ``Image.composite`` blends."""
+    level = (full * 255).astype(np.uint8)
+    opacity = Image.fromarray(np.asarray(opacity_table(alpha), dtype=np.uint8)[level], mode="L")  # no tint at 0
+    heat = Image.fromarray(level, mode="L")
+    heat.putpalette(_PALETTE)
+    out = Image.composite(heat.convert("RGB"), base, opacity)
+    out.paste((255, 255, 255), mask=Image.fromarray(edge.view(np.uint8) * np.uint8(255), mode="L"))
+    return out
+
+
 def blend(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.6) -> Image.Image:
     """Return ``image`` (RGB) with ``heatmap`` (``[h, w]`` in [0, 1]) drawn over it; see the module docstring.
 
-    The blend runs in PIL on 8-bit planes (``Image.composite`` with the opacity as its mask):
-    within one level of the float blend, several times faster. The map's 8-bit levels become
-    colours and opacities through 256-entry tables (a palette, a point table), in PIL's C code.
+    Within one level of the float blend (8-bit planes), several times faster.
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     full = upsample(heatmap, rgb.size)
-    level = Image.fromarray((full * 255).astype(np.uint8), mode="L")
-    opacity = level.point(opacity_table(alpha))  # no tint where the map is 0
-    heat = level.copy()
-    heat.putpalette(_PALETTE)
-    out = Image.composite(heat.convert("RGB"), rgb, opacity)
-    out.paste((255, 255, 255), mask=Image.fromarray(_contour(full).astype(np.uint8) * 255, mode="L"))
-    return out
+    return _tint(rgb, full, _contour(full), alpha)
 
 
 def encode(image: Image.Image, fmt: str = "jpg") -> bytes:
@@ -102,9 +112,22 @@ def attribute_strip(
     if max(small.size) > tile:
         small = small.copy()
         small.thumbnail((tile, tile), Image.BILINEAR)
-    width, height = small.size
-    gap = 2
-    strip = Image.new("RGB", (len(maps) * width + (len(maps) - 1) * gap, height), (255, 255, 255))
-    for k, heat in enumerate(maps):
-        strip.paste(blend(small, heat, alpha), (k * (width + gap), 0))
+    (width, height), gap, count = small.size, 2, len(maps)
+    full = np.stack([upsample(heat, small.size) for heat in maps])  # [K, H, W]
+    edge = _contour(full)
+    # The K tiles side by side, each followed by the gap (cut after the last), drawn in one pass:
+    # in the gaps the map is 0 (no tint) over white.
+    levels = np.zeros((height, count, width + gap), dtype=full.dtype)
+    levels[:, :, :width] = full.transpose(1, 0, 2)
+    edges = np.zeros((height, count, width + gap), dtype=bool)
+    edges[:, :, :width] = edge.transpose(1, 0, 2)
+    base = np.full((height, count, width + gap, 3), 255, dtype=np.uint8)
+    base[:, :, :width] = np.asarray(small)[:, None]
+    span = count * (width + gap) - gap
+    strip = _tint(
+        Image.fromarray(base.reshape(height, -1, 3)[:, :span]),
+        levels.reshape(height, -1)[:, :span],
+        edges.reshape(height, -1)[:, :span],
+        alpha,
+    )
     return encode(strip, fmt)
