@@ -211,6 +211,39 @@ def test_overlay_is_the_float_blend_within_a_few_levels_with_a_white_contour():
         assert np.abs(out[~edge] - expected[~edge]).max() <= 5  # the 8-bit level on a steep ramp: 4
 
 
+def test_upsample_is_pils_bicubic_resize_for_one_map_and_a_stack():
+    from eatdist.explain.overlay import upsample
+
+    rng = np.random.default_rng(2)
+    for (h, w), size in (((2, 2), (64, 64)), ((7, 5), (224, 150)), ((4, 9), (31, 17)), ((40, 30), (12, 50))):
+        maps = rng.random((3, h, w)).astype(np.float32) * 1.2 - 0.1  # past [0, 1]: clipped after resizing
+        pil = [np.clip(np.asarray(Image.fromarray(m, mode="F").resize(size, Image.BICUBIC)), 0, 1) for m in maps]
+        assert upsample(maps[0], size).shape == (size[1], size[0])
+        np.testing.assert_allclose(upsample(maps[0], size), pil[0], atol=1e-6)
+        np.testing.assert_allclose(upsample(maps, size), np.stack(pil), atol=1e-6)
+
+
+def test_attribute_strip_is_each_maps_overlay_on_the_thumbnail_side_by_side():
+    from eatdist.explain.overlay import STRIP_TILE, attribute_strip, blend
+
+    rng = np.random.default_rng(3)
+    image = Image.fromarray((rng.random((200, 150, 3)) * 255).astype(np.uint8))
+    maps = rng.random((3, 7, 7)).astype(np.float32)
+    maps[1] = 0.0  # an all-zero map: the thumbnail untouched, no contour
+    strip = np.asarray(Image.open(io.BytesIO(attribute_strip(image, maps, 0.6, "png"))))
+    small = image.copy()
+    small.thumbnail((STRIP_TILE, STRIP_TILE), Image.BILINEAR)
+    width, height = small.size
+    assert strip.shape == (height, 3 * width + 2 * 2, 3)
+    for k in range(3):
+        tile = strip[:, k * (width + 2) : k * (width + 2) + width]
+        assert np.array_equal(tile, np.asarray(blend(small, maps[k], 0.6))), k
+        if k < 2:
+            assert (strip[:, k * (width + 2) + width : (k + 1) * (width + 2)] == 255).all()  # the white gap
+    assert np.array_equal(strip[:, width + 2 : 2 * width + 2], np.asarray(small))
+    assert attribute_strip(image, maps[:0]) is None
+
+
 def test_member_headers_equal_tarfiles_for_every_name_and_size():
     import tarfile
 

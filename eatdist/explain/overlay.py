@@ -31,13 +31,47 @@ def colorize(heatmap: np.ndarray) -> np.ndarray:
 # The upsampled map is quantised to 8 bits, so the ramp is evaluated once on the 256 levels it
 # can take: a table lookup gives the same colours several times faster.
 _LUT = colorize(np.arange(256, dtype=np.float32) / np.float32(255.0))
-_PALETTE = _LUT.tobytes()
+_PALETTE = bytes([255, 255, 255]) + _LUT[1:].tobytes()  # entry 0 is the contour's white: see _tint
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    """PIL's bicubic kernel (a = -0.5)."""
+    a, x = -0.5, np.abs(x)
+    return np.where(
+        x < 1.0,
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
+        np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def resize_weights(size_in: int, size_out: int) -> np.ndarray:
+    """``[size_out, size_in]`` weights of PIL's bicubic resampling along one axis (its coefficients, exactly)."""
+    scale = size_in / size_out
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    weights = np.zeros((size_out, size_in))
+    for out in range(size_out):
+        center = (out + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), size_in)
+        taps = _bicubic((np.arange(lo, hi) - center + 0.5) / filterscale)
+        total = taps.sum()
+        weights[out, lo:hi] = taps / total if total != 0.0 else taps
+    return weights
 
 
 def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Return ``heatmap`` resized to ``size`` (width, height) by bicubic interpolation, clipped to [0, 1]."""
-    small = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F")
-    return np.clip(np.asarray(small.resize(size, Image.BICUBIC)), 0.0, 1.0)
+    """Return ``heatmap`` (``[h, w]``, or a stack ``[K, h, w]``) resized to ``size`` (width, height)
+    by PIL's bicubic interpolation, clipped to [0, 1], float32.
+
+    As PIL resamples: along the width, then the height, each pass with its coefficients
+    (:func:`resize_weights`) in float64 and stored as float32; as two small matrix products, a
+    stack of maps at once."""
+    cols = resize_weights(heatmap.shape[-1], size[0])
+    rows = resize_weights(heatmap.shape[-2], size[1])
+    wide = (np.asarray(heatmap, dtype=np.float32).astype(np.float64) @ cols.T).astype(np.float32)
+    return np.clip((rows @ wide.astype(np.float64)).astype(np.float32), 0.0, 1.0)
 
 
 def _contour(full: np.ndarray) -> np.ndarray:
@@ -64,14 +98,16 @@ def opacity_table(alpha: float) -> tuple[int, ...]:
 def _tint(base: Image.Image, full: np.ndarray, edge: np.ndarray, alpha: float) -> Image.Image:
     """Return ``base`` (RGB) with the upsampled map ``full`` (``[H, W]`` in [0, 1]) and its contour
     ``edge`` drawn over it, on 8-bit planes in PIL's C code: the map's levels become colours and
-    opacities through 256-entry tables (a palette, a lookup), then ``Image.composite`` blends."""
+    opacities through 256-entry tables (a palette, a lookup), then ``Image.composite`` blends.
+
+    Level 0 has no opacity, so its colour never shows: the contour takes that palette entry
+    (white) at full opacity, drawn by the same composite."""
     level = (full * 255).astype(np.uint8)
-    opacity = Image.fromarray(np.asarray(opacity_table(alpha), dtype=np.uint8)[level], mode="L")  # no tint at 0
+    opacity = np.take(np.asarray(opacity_table(alpha), dtype=np.uint8), level)  # no tint at level 0
+    level[edge], opacity[edge] = 0, 255
     heat = Image.fromarray(level, mode="L")
     heat.putpalette(_PALETTE)
-    out = Image.composite(heat.convert("RGB"), base, opacity)
-    out.paste((255, 255, 255), mask=Image.fromarray(edge.view(np.uint8) * np.uint8(255), mode="L"))
-    return out
+    return Image.composite(heat.convert("RGB"), base, Image.fromarray(opacity, mode="L"))
 
 
 def blend(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.6) -> Image.Image:
@@ -113,7 +149,7 @@ def attribute_strip(
         small = small.copy()
         small.thumbnail((tile, tile), Image.BILINEAR)
     (width, height), gap, count = small.size, 2, len(maps)
-    full = np.stack([upsample(heat, small.size) for heat in maps])  # [K, H, W]
+    full = upsample(maps, small.size)  # [K, H, W]
     edge = _contour(full)
     # The K tiles side by side, each followed by the gap (cut after the last), drawn in one pass:
     # in the gaps the map is 0 (no tint) over white.

@@ -14,51 +14,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-from eatdist.explain.overlay import _LUT, CONTOUR_LEVEL, STRIP_TILE, opacity_table
+from eatdist.explain.overlay import _LUT, CONTOUR_LEVEL, STRIP_TILE, opacity_table, resize_weights
 
 JPEG_QUALITY = 90  # as the PIL path
 GAP = 2  # white pixels between the tiles of a strip
 
 
-def _bicubic(x: np.ndarray) -> np.ndarray:
-    """PIL's bicubic kernel (a = -0.5)."""
-    a, x = -0.5, np.abs(x)
-    return np.where(
-        x < 1.0,
-        ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
-        np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0),
-    )
-
-
-@lru_cache(maxsize=256)
-def _resize_weights(size_in: int, size_out: int) -> np.ndarray:
-    """``[size_out, size_in]`` weights of PIL's bicubic resampling along one axis (its coefficients, exactly)."""
-    scale = size_in / size_out
-    filterscale = max(scale, 1.0)
-    support = 2.0 * filterscale
-    weights = np.zeros((size_out, size_in))
-    for out in range(size_out):
-        center = (out + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), size_in)
-        taps = _bicubic((np.arange(lo, hi) - center + 0.5) / filterscale)
-        total = taps.sum()
-        weights[out, lo:hi] = taps / total if total != 0.0 else taps
-    return weights
-
-
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Return ``[..., h, w]`` maps resized to ``size`` (height, width) as PIL's bicubic does, clipped to [0, 1]."""
     h, w = maps.shape[-2:]
-    rows = torch.from_numpy(_resize_weights(h, size[0])).to(maps.device, torch.float32)
-    cols = torch.from_numpy(_resize_weights(w, size[1])).to(maps.device, torch.float32)
+    rows = torch.from_numpy(resize_weights(h, size[0])).to(maps.device, torch.float32)
+    cols = torch.from_numpy(resize_weights(w, size[1])).to(maps.device, torch.float32)
     return (rows @ maps.float() @ cols.T).clamp(0.0, 1.0)
 
 
