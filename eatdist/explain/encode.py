@@ -28,6 +28,7 @@ from eatdist.config import ExplainConfig
 from eatdist.data.shards import check_key
 from eatdist.errors import ConfigError
 from eatdist.explain.explainer import BatchResult
+from eatdist.explain.loader import SharesImages
 from eatdist.explain.overlay import attribute_strip, encode, overlay
 from eatdist.models.package import PackageMeta
 
@@ -92,8 +93,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 @dataclass
-class EncodeTask:
-    """One batch for :func:`encode_batch`: what the samples are made of."""
+class EncodeTask(SharesImages):
+    """One batch for :func:`encode_batch`: what the samples are made of (its images travel to an
+    encoding process in shared memory)."""
 
     keys: list[str]
     truths: list[int | None]

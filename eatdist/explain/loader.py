@@ -41,9 +41,52 @@ from eatdist.errors import DataError
 _URL_BYTES = 8192
 
 
+def pack_images(images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """Return ``images`` copied into one flat uint8 tensor in shared memory, and their shapes.
+
+    Between processes (DataLoader workers, the main process, encoding processes) the tensor
+    travels as one shared-memory block: a batch of decoded images is copied once, not pickled
+    and piped at every hop."""
+    data = torch.empty(sum(a.size for a in images), dtype=torch.uint8).share_memory_()
+    flat, at = data.numpy(), 0
+    for array in images:
+        flat[at : at + array.size] = array.reshape(-1)
+        at += array.size
+    return data, [a.shape for a in images]
+
+
+def unpack_images(data: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Return the images of :func:`pack_images` as arrays (views of ``data``)."""
+    flat, at, images = data.numpy(), 0, []
+    for shape in shapes:
+        size = int(np.prod(shape))
+        images.append(flat[at : at + size].reshape(shape))
+        at += size
+    return images
+
+
+class SharesImages:
+    """Pickled (to another process), an object's ``images`` (uint8 arrays) travel packed in shared
+    memory (:func:`pack_images`) and arrive as views of it."""
+
+    images: list[np.ndarray] | None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.images:
+            state["images"] = pack_images(self.images)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state["images"]:
+            state["images"] = unpack_images(*state["images"])
+        self.__dict__.update(state)
+
+
 @dataclass
-class Chunk:
-    """Up to ``batch_size`` consecutive samples of a shard, decoded and ready for the model."""
+class Chunk(SharesImages):
+    """Up to ``batch_size`` consecutive samples of a shard, decoded and ready for the model (its
+    images travel in shared memory: :class:`SharesImages`)."""
 
     index: int
     keys: list[str] = field(default_factory=list)
