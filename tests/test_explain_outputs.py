@@ -56,6 +56,47 @@ def test_encoding_processes_write_exactly_what_the_writer_thread_writes(tmp_path
     assert all(("attr_maps.jpg" in s) == (k > 0) for s, k in zip(got, named, strict=True))
 
 
+def test_a_cpu_model_encodes_inline_the_bytes_the_writer_thread_would(tmp_path, tiny_corpus, package):
+    from eatdist.explain.explainer import Explainer
+    from eatdist.explain.work import ShardWork
+    from eatdist.models.package import load_package
+    from eatdist.store import open_store
+
+    cpu = torch.device("cpu")
+    model, meta = load_package(package, cpu)
+    cfg = ExplainConfig(batch_size=8, num_workers=0, outputs=EVERY_PART)
+    explainer, shard = Explainer(model, meta, cfg, cpu), str(tiny_corpus.root / "test-000000.tar")
+    written = {}
+    for inline in (True, False):  # False: as on a GPU, the writer thread encodes
+        work = ShardWork(explainer, open_store(tmp_path / str(inline)), cfg)
+        assert work.writer.inline and work.writer.pool is None
+        work.writer.inline, reports = inline, []
+        try:
+            assert work.explain(shard, "test", reports.append) is None
+            work.drain()
+        finally:
+            work.close()
+        assert reports[0].explained == 40
+        written[inline] = (tmp_path / str(inline) / "test-000000.tar").read_bytes()
+    assert written[True] == written[False]
+
+
+def test_encoding_processes_by_default_only_for_pictures_drawn_on_the_cpu(tmp_path, package):
+    from eatdist.explain.writer import ShardWriterThread
+    from eatdist.models.package import load_package
+    from eatdist.store import open_store
+
+    _, meta = load_package(package, torch.device("cpu"))
+    for cfg, processes in ((ExplainConfig(num_workers=2), None), (ExplainConfig(num_workers=2, outputs=EVERY_PART), 2),
+                           (ExplainConfig(num_workers=2, encode_workers=1), 1)):  # fmt: skip
+        writer = ShardWriterThread(meta, cfg, open_store(tmp_path))
+        try:
+            assert (writer.pool.processes if writer.pool else None) == processes
+            assert writer.inline == (processes is None)
+        finally:
+            writer.close()
+
+
 def test_default_outputs_are_json_text_and_maps_and_report_draws_the_pictures(tmp_path, package):
     corpus = write_corpus(tmp_path / "c", {"test": [12]})
     out, full_out = tmp_path / "out", tmp_path / "full"

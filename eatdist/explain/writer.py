@@ -72,6 +72,11 @@ class Timings:
     write: float = 0.0
 
 
+def _renamed(chunk: Chunk) -> list[dict[str, str]]:
+    """The chunk's samples explained under a safe key: key and original, for the shard's report."""
+    return [{"key": key, "original": chunk.renamed[key]} for key in chunk.keys if key in chunk.renamed]
+
+
 class ClaimLost(Exception):
     """Another process took this shard over; nothing of it is published."""
 
@@ -97,6 +102,15 @@ class _Open:
 
 
 @dataclass
+class _Encoded:
+    """A batch encoded by the thread that handed it over: only its writing is left (or the error
+    encoding met, raised in this thread as if met here)."""
+
+    encoded: Encoded | Exception
+    renamed: list[dict[str, str]]
+
+
+@dataclass
 class _Close:
     still_held: Callable[[], bool]
     done: Callable[[ShardReport | None], None]
@@ -105,8 +119,12 @@ class _Close:
 class ShardWriterThread:
     """One thread writing the explanation shards of this process, in order.
 
-    With ``explain.encode_workers`` (default: ``num_workers``) above 0 the samples are encoded in
-    that many processes, forked here: make the writer before the process starts other threads.
+    With ``explain.encode_workers`` above 0 the samples are encoded in that many processes, forked
+    here: make the writer before the process starts other threads. Unset, it is ``num_workers``
+    when picture parts are drawn on the CPU, else 0: json, text and ``heatmaps.npy`` cost less to
+    encode than to ship to a process. Without processes, a model on the CPU has the samples encoded
+    by the thread that hands them over (a second thread would only contend for the same cores and
+    the interpreter lock); on a GPU, by this thread, while the device runs the next batch.
     Shards and reports are published through ``store``.
     """
 
@@ -114,11 +132,15 @@ class ShardWriterThread:
         self.meta, self.outputs, self.store = meta, Outputs.from_config(cfg), store
         self.device = device or torch.device("cpu")
         self.on_device = draws_on_device(cfg, self.device)
-        workers = cfg.num_workers if cfg.encode_workers is None else cfg.encode_workers
+        workers = cfg.encode_workers
+        if workers is None:
+            workers = cfg.num_workers if self.outputs.images and not self.on_device else 0
         if workers < 0:
             raise ConfigError(f"config key 'explain.encode_workers': must be at least 0, got {workers}")
         self.timings = Timings()
         self.pool = EncoderPool(workers, meta, self.outputs) if workers > 0 else None
+        self.inline = self.pool is None and self.device.type == "cpu"
+        self._source = ""  # the output shard's name, for the samples encoded by the caller
         # Batches handed to the processes and not yet written: each process holds one, plus one queued.
         self._pending: deque[Future[Encoded]] = deque()
         self._in_flight = 2 * workers
@@ -142,11 +164,21 @@ class ShardWriterThread:
 
     def open(self, report: ShardReport, key: str) -> None:
         """Start the shard ``key`` of the output store (published whole when it closes)."""
+        self._source = name_of(report.output)
         self._put(_Open(report, key))
 
     def write(self, chunk: Chunk, result: BatchResult) -> None:
-        """Queue one batch (blocks while the queue is full)."""
-        self._put((chunk, result))
+        """Queue one batch (blocks while the queue is full), encoded first when encoding is inline."""
+        if not self.inline:
+            self._put((chunk, result))
+            return
+        task = EncodeTask(chunk.keys, chunk.truths, self._source, result, renamed=chunk.renamed)
+        task.images = chunk.images if self.outputs.images else None
+        try:
+            encoded: Encoded | Exception = encode_members(task, self.meta, self.outputs)
+        except Exception as exc:  # noqa: BLE001  (the thread raises it, closing the shard unpublished)
+            encoded = exc
+        self._put(_Encoded(encoded, _renamed(chunk)))
 
     def close_shard(self, still_held: Callable[[], bool], done: Callable[[ShardReport | None], None]) -> None:
         """Finish the open shard: publish it if ``still_held()``; then call ``done(report or None)``."""
@@ -184,6 +216,13 @@ class ShardWriterThread:
                         assert writer is not None and report is not None
                         self._encode(writer, report, *item)
                         continue
+                    if isinstance(item, _Encoded):
+                        assert writer is not None and report is not None
+                        if isinstance(item.encoded, Exception):
+                            raise item.encoded
+                        report.renamed += item.renamed
+                        self._write(writer, report, item.encoded)
+                        continue
                     self._write_done(writer, report, block=True)  # everything else comes after the batches
                     if item is StopIteration:
                         return
@@ -216,7 +255,7 @@ class ShardWriterThread:
 
     def _encode(self, writer: ShardSink, report: ShardReport, chunk: Chunk, result: BatchResult) -> None:
         task = EncodeTask(chunk.keys, chunk.truths, name_of(report.output), result, renamed=chunk.renamed)
-        report.renamed += [{"key": key, "original": chunk.renamed[key]} for key in chunk.keys if key in chunk.renamed]
+        report.renamed += _renamed(chunk)
         if self.outputs.images and self.on_device:
             started = time.perf_counter()
             task.rendered = self._render(chunk, result)
