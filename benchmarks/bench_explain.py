@@ -5,7 +5,7 @@ then rounds that alternate (forward and reverse order) between
   plain     read, decode, transform (in the same DataLoader workers) and forward, nothing kept
   explain   the explanation job: the same, plus top-k, maps and the parts of one output row
             (default: json, txt, heatmaps.npy; +overlay, +attr_maps, +image; all), tar writing
-on the same shards, batch size and workers (the encoding processes: as many as the workers).
+on the same shards, batch size and workers (encoding processes: explain's default).
 Prints medians over the rounds: images/s (wall) and CPU ms per image (this process and all its
 children: loader workers and encoding processes), their ratios, explain's time split and the
 main process's peak memory early in a run against the end of it (flat when equal). On a machine
@@ -15,7 +15,7 @@ shared with other work, wall time swings: the CPU ratio is the steadier figure.
 images at 64 px against a plain-inference command over the same shards, CPU of each whole
 process tree. Not a test: timings depend on the machine.
 
-    python benchmarks/bench_explain.py [--cases test_resnet:64:512,resnet18:224:192,resnet18:224:96:448]
+    python benchmarks/bench_explain.py [--cases test_resnet:64:4096,resnet18:224:576,resnet18:224:288:448]
         [--workers 0,2] [--rows default,+overlay,+attr_maps,+image,all] [--batch 32] [--rounds 3]
         [--bf16] [--channels-last] [--render-device auto|cpu] [--decode-device cpu|model]
         [--encode-workers N] [--threads N]
@@ -57,16 +57,16 @@ from eatdist.explain.job import ExplainJob, resolve_inputs
 from eatdist.explain.loader import ShardChunks, decode_chunk, make_loader, shutdown
 from eatdist.models.package import PackageMeta, build_model, load_package, save_package
 
-SHARD = 64
+SHARD = SynthConfig().shard_size  # samples per input shard, as the synthetic corpus writes them
 
 
-def write_corpus(root: Path, images: int, size: int) -> DatasetInfo:
+def write_corpus(root: Path, images: int, size: int, shard: int = SHARD) -> DatasetInfo:
     cfg = SynthConfig(num_classes=12, image_size=size)
     protos = class_prototypes(cfg.num_classes, 0)
     shards, index = [], 0
     root.mkdir(parents=True)
     while index < images:
-        name, count = f"test-{len(shards):06d}.tar", min(SHARD, images - index)
+        name, count = f"test-{len(shards):06d}.tar", min(shard, images - index)
         with AtomicShardWriter(root / name) as writer:
             for _ in range(count):
                 image, record = render_sample(cfg, protos, "test", index)
@@ -165,7 +165,7 @@ ROWS = {
 
 
 def bench_case(backbone: str, size: int, images: int, source: int, args: argparse.Namespace, tmp: Path) -> None:
-    info = write_corpus(tmp / f"corpus-{source}-{images}", images, source)
+    info = write_corpus(tmp / f"corpus-{source}-{images}", images, source, args.shard)
     inputs = resolve_inputs(str(info.root))
     package = make_package(tmp, backbone, size, info)
     model, meta = load_package(package, dist.device())
@@ -263,12 +263,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--cases",
-        default="test_resnet:64:512,resnet18:224:192,resnet18:224:96:448",
+        default="test_resnet:64:4096,resnet18:224:576,resnet18:224:288:448",
         help="backbone:size:images[:input size], comma-separated",
     )
     parser.add_argument("--workers", default="0,2", help="DataLoader workers to compare at, comma-separated")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"output rows, comma-separated: {', '.join(ROWS)}")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--shard", type=int, default=SHARD, help="samples per input shard")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
@@ -280,7 +281,7 @@ def main() -> None:
         help="where JPEG inputs are decoded, for plain inference and explanation alike",
     )
     parser.add_argument("--encode-workers", type=int, default=None,
-                        help="explain.encode_workers (default: as many as the loader workers)")  # fmt: skip
+                        help="explain.encode_workers (default: explain's own)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     parser.add_argument("--command", type=int, default=0, help="time whole commands on this many 64 px images")
     parser.add_argument("--plain", nargs=4, metavar=("PACKAGE", "CORPUS", "WORKERS", "BATCH"), help=argparse.SUPPRESS)
