@@ -229,7 +229,7 @@ def children_cpu() -> float:
 
 def bench_command(images: int, args: argparse.Namespace, tmp: Path) -> None:
     """``eatdist explain`` (its defaults) against the plain-inference command, each a whole process tree."""
-    info = write_corpus(tmp / "corpus-command", images, 64)
+    info = write_corpus(tmp / "corpus-command", images, 64, args.shard)
     package = make_package(tmp, "test_resnet", 64, info)
     cfg = ExplainConfig()
     commands = {
