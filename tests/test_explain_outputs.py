@@ -285,6 +285,27 @@ def test_attribute_strip_is_each_maps_overlay_on_the_thumbnail_side_by_side():
     assert attribute_strip(image, maps[:0]) is None
 
 
+def test_images_travel_in_one_shared_block_passed_on_without_a_copy():
+    import pickle
+    from multiprocessing.reduction import ForkingPickler  # what process pools and DataLoaders pickle with
+
+    from eatdist.explain.loader import Chunk
+
+    def travel(chunk):
+        return pickle.loads(ForkingPickler.dumps(chunk))
+
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((5, 7, 3), (0, 0, 3), (2, 3, 3))]
+    arrived = travel(Chunk(0, keys=["a", "b", "c"], images=images))
+    assert [a.tolist() for a in arrived.images] == [a.tolist() for a in images]
+    block = arrived.__getstate__()["images"][0]
+    assert block.is_shared() and block.numel() == sum(a.size for a in images)
+    assert arrived.__getstate__()["images"][0] is block  # passed on again: the same block
+    arrived.images[1] = np.zeros((1, 1, 3), dtype=np.uint8)  # an image replaced: packed anew
+    again = travel(arrived)
+    assert again.images[1].shape == (1, 1, 3) and again.images[2].tolist() == images[2].tolist()
+
+
 def test_member_headers_equal_tarfiles_for_every_name_and_size():
     import tarfile
 

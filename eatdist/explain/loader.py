@@ -41,12 +41,27 @@ from eatdist.errors import DataError
 _URL_BYTES = 8192
 
 
+class PackedImages(list):
+    """Images unpacked from one shared-memory block (:func:`unpack_images`: views of it); while the
+    list still holds exactly those views, :func:`pack_images` passes the block on as it is."""
+
+    def __init__(self, data: torch.Tensor, shapes: list[tuple[int, ...]], views: list[np.ndarray]) -> None:
+        super().__init__(views)
+        self.data, self.shapes, self.views = data, shapes, tuple(views)
+
+    def intact(self) -> bool:
+        """Whether no image was replaced, added or removed since unpacking."""
+        return len(self) == len(self.views) and all(a is b for a, b in zip(self, self.views, strict=True))
+
+
 def pack_images(images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
     """Return ``images`` copied into one flat uint8 tensor in shared memory, and their shapes.
 
     Between processes (DataLoader workers, the main process, encoding processes) the tensor
     travels as one shared-memory block: a batch of decoded images is copied once, not pickled
-    and piped at every hop."""
+    and piped at every hop (images still in the block they arrived in are not copied again)."""
+    if isinstance(images, PackedImages) and images.intact():
+        return images.data, images.shapes
     data = torch.empty(sum(a.size for a in images), dtype=torch.uint8).share_memory_()
     flat, at = data.numpy(), 0
     for array in images:
@@ -55,14 +70,14 @@ def pack_images(images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int,
     return data, [a.shape for a in images]
 
 
-def unpack_images(data: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+def unpack_images(data: torch.Tensor, shapes: list[tuple[int, ...]]) -> PackedImages:
     """Return the images of :func:`pack_images` as arrays (views of ``data``)."""
     flat, at, images = data.numpy(), 0, []
     for shape in shapes:
         size = int(np.prod(shape))
         images.append(flat[at : at + size].reshape(shape))
         at += size
-    return images
+    return PackedImages(data, shapes, images)
 
 
 class SharesImages:
