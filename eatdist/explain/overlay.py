@@ -95,6 +95,14 @@ def opacity_table(alpha: float) -> tuple[int, ...]:
     return tuple((np.arange(256) * alpha).astype(np.uint8).tolist())
 
 
+@functools.lru_cache(maxsize=16)
+def _opacities(alpha: float) -> np.ndarray:
+    """:func:`opacity_table` as an array, for lookups (read-only: it is shared)."""
+    table = np.asarray(opacity_table(alpha), dtype=np.uint8)
+    table.flags.writeable = False
+    return table
+
+
 def _tint(base: Image.Image, full: np.ndarray, edge: np.ndarray, alpha: float) -> Image.Image:
     """Return ``base`` (RGB) with the upsampled map ``full`` (``[H, W]`` in [0, 1]) and its contour
     ``edge`` drawn over it, on 8-bit planes in PIL's C code: the map's levels become colours and
@@ -103,7 +111,7 @@ def _tint(base: Image.Image, full: np.ndarray, edge: np.ndarray, alpha: float) -
     Level 0 has no opacity, so its colour never shows: the contour takes that palette entry
     (white) at full opacity, drawn by the same composite."""
     level = (full * 255).astype(np.uint8)
-    opacity = np.take(np.asarray(opacity_table(alpha), dtype=np.uint8), level)  # no tint at level 0
+    opacity = np.take(_opacities(alpha), level)  # no tint at level 0
     level[edge], opacity[edge] = 0, 255
     heat = Image.fromarray(level, mode="L")
     heat.putpalette(_PALETTE)
