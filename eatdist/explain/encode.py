@@ -11,7 +11,6 @@ placed in their samples.
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing
 import os
 import tarfile
@@ -27,9 +26,9 @@ from PIL import Image
 from eatdist.config import ExplainConfig
 from eatdist.data.shards import check_key
 from eatdist.errors import ConfigError
-from eatdist.explain.explainer import BatchResult
 from eatdist.explain.loader import SharesImages
 from eatdist.explain.overlay import attribute_strip, encode, overlay
+from eatdist.explain.records import BatchResult, Records
 from eatdist.models.package import PackageMeta
 
 PARTS = ("json", "txt", "heatmaps.npy", "overlay", "attr_maps", "image")
@@ -123,19 +122,20 @@ def render_images(image: np.ndarray, maps: np.ndarray, outputs: Outputs) -> dict
     return parts
 
 
-def encode_batch(task: EncodeTask, meta: PackageMeta, outputs: Outputs) -> list[dict[str, Any]]:
+def encode_batch(task: EncodeTask, records: Records, outputs: Outputs) -> list[dict[str, Any]]:
     """Return the output samples of ``task``, one per key, holding the parts of ``outputs``."""
     samples = []
     for b, key in enumerate(task.keys):
-        record = dict(task.result.record(b, meta), source_shard=task.source_shard)
+        extra: dict[str, Any] = {"source_shard": task.source_shard}
         if task.truths[b] is not None:
-            record["true_class"] = task.truths[b]
+            extra["true_class"] = task.truths[b]
         if key in task.renamed:
-            record["original_key"] = task.renamed[key]
+            extra["original_key"] = task.renamed[key]
+        text = records.text(task.result, b)
         maps = task.result.image_maps(b)
-        sample: dict[str, Any] = {"__key__": key, "json": json.dumps(record).encode()}
+        sample: dict[str, Any] = {"__key__": key, "json": records.encode(task.result, b, text, extra)}
         if "txt" in outputs.parts:
-            sample["txt"] = record["text"].encode()
+            sample["txt"] = text.encode()
         if "heatmaps.npy" in outputs.parts:
             sample["heatmaps.npy"] = npy_bytes(maps)
         if task.rendered is not None:
@@ -155,8 +155,11 @@ class MemberHeaders:
     def __init__(self) -> None:
         block = bytearray(self._tarfile("", 0))
         block[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
-        self.template = bytes(block)
+        template = bytes(block)
         self.base = sum(block) - sum(block[124:136])  # without the size field
+        # the pieces around the name, size and checksum, the name's padding for every name length
+        self._pads = [template[n:124] for n in range(101)]
+        self._mode_to_mtime, self._after_checksum = template[136:148], template[155:]
 
     @staticmethod
     def _tarfile(name: str, size: int) -> bytes:
@@ -170,11 +173,8 @@ class MemberHeaders:
         if len(raw) > 100 or size >= 8**11 or not raw.isascii():
             return self._tarfile(name, size)
         size_field = b"%011o\0" % size
-        block = bytearray(self.template)
-        block[: len(raw)] = raw
-        block[124:136] = size_field
-        block[148:155] = b"%06o\0" % (self.base + sum(raw) + sum(size_field))
-        return bytes(block)
+        checksum = b"%06o\0" % (self.base + sum(raw) + sum(size_field))
+        return b"".join((raw, self._pads[len(raw)], size_field, self._mode_to_mtime, checksum, self._after_checksum))
 
 
 _HEADERS = MemberHeaders()
@@ -212,19 +212,19 @@ class Encoded:
     cpu_s: float
 
 
-def encode_members(task: EncodeTask, meta: PackageMeta, outputs: Outputs) -> Encoded:
+def encode_members(task: EncodeTask, records: Records, outputs: Outputs) -> Encoded:
     """Return the samples of ``task`` (:func:`encode_batch`) as tar members; see :func:`tar_members`."""
     started = time.thread_time()
-    members, offsets = tar_members(encode_batch(task, meta, outputs), task.source_shard)
+    members, offsets = tar_members(encode_batch(task, records, outputs), task.source_shard)
     return Encoded(members, offsets, time.thread_time() - started)
 
 
-_WORKER: tuple[PackageMeta, Outputs] | None = None
+_WORKER: tuple[Records, Outputs] | None = None
 
 
 def _init_worker(meta: PackageMeta, outputs: Outputs) -> None:
     global _WORKER
-    _WORKER = (meta, outputs)
+    _WORKER = (Records(meta), outputs)
     # A SIGKILLed explain process cannot stop its encoders, and they would wait for work forever
     # (each holds the task queue open itself): they leave when their parent is gone.
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()

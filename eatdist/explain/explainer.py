@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,92 +14,12 @@ from eatdist.config import ExplainConfig
 from eatdist.data.pipeline import Preprocess, build_transform
 from eatdist.errors import ConfigError
 from eatdist.explain.cam import explanation_maps, normalise_maps
-from eatdist.explain.text import Named, attribute_check, attribute_contributions, choose_attributes, explanation_text
+from eatdist.explain.records import BatchResult, Records
+from eatdist.explain.text import attribute_check, attribute_contributions, choose_attributes
 from eatdist.models.eat import EATModel
 from eatdist.models.package import PackageMeta
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BatchResult:
-    """A batch's predictions as host arrays and lists (one device-to-host copy per field)."""
-
-    classes: list[int]
-    confidence: list[float]
-    named: list[list[Named]]  # per image: the attributes its text names (reasons, contrasts, then against)
-    contrasts: list[list[tuple[int, int | None]]]  # per image: (characteristic attribute lacked, shown instead)
-    contributions: list[list[float]]  # [B, A], see :func:`attribute_contributions`
-    attr_probs: list[list[float]]  # [B, A]
-    peaks: list[list[float]]  # [B, 1 + K] map maxima before normalisation (0: an all-zero map)
-    maps: np.ndarray  # [B, 1 + K, h, w] float16, each map scaled to a maximum of 1; K = the most named
-    check: dict[str, Any] = field(default_factory=dict)  # :func:`attribute_check` of the model
-    _rounded: list[list[float]] | None = field(default=None, init=False, repr=False, compare=False)
-
-    def rounded_probs(self, b: int) -> list[float]:
-        """Return image ``b``'s attribute probabilities to 4 decimals, exactly as ``round(p, 4)``:
-        a float32 probability times 1e4 is exact in float64, so one array operation rounds the batch."""
-        if self._rounded is None:
-            self._rounded = (np.rint(np.asarray(self.attr_probs, dtype=np.float64) * 1e4) / 1e4).tolist()
-        return self._rounded[b]
-
-    def __len__(self) -> int:
-        return len(self.classes)
-
-    def image_maps(self, b: int) -> np.ndarray:
-        """Return image ``b``'s ``[1 + k, h, w]`` maps: the class, then its k named attributes."""
-        return self.maps[b, : 1 + len(self.named[b])]
-
-    def record(self, b: int, meta: PackageMeta) -> dict[str, Any]:
-        """Return image ``b``'s ``json`` fields (the text included)."""
-        c = self.classes[b]
-        groups = _group_of(meta)
-        probs, contribs = self.attr_probs[b], self.contributions[b]
-        supports = [n for n in self.named[b] if n.role == "supports"]
-        warning = None if self.check.get("reliable", True) else self.check["message"]
-        text = explanation_text(
-            meta.classes[c],
-            self.confidence[b],
-            [meta.attributes[n.index] for n in supports],
-            [(meta.attributes[a], meta.attributes[s] if s is not None else None) for a, s in self.contrasts[b]],
-            [groups.get(n.index) for n in supports],
-            warning,
-            [meta.attributes[n.index] for n in self.named[b] if n.role == "against"],
-        )
-        peaks = self.peaks[b][: 1 + len(self.named[b])]
-        top = []
-        for n in self.named[b]:
-            item = {"index": n.index, "name": meta.attributes[n.index], "group": groups.get(n.index),
-                    "probability": round(probs[n.index], 5), "contribution": round(contribs[n.index], 5),
-                    "role": n.role}  # fmt: skip
-            if n.instead_of is not None:
-                item["instead_of"] = meta.attributes[n.instead_of]
-            top.append(item)
-        return {
-            "class": c,
-            "class_name": meta.classes[c],
-            "confidence": round(self.confidence[b], 5),
-            "top_attributes": top,
-            "lacks": [
-                {
-                    "index": a,
-                    "name": meta.attributes[a],
-                    "probability": round(probs[a], 5),
-                    "shows_instead": meta.attributes[s] if s is not None else None,
-                }
-                for a, s in self.contrasts[b]
-            ],  # fmt: skip
-            "attribute_probabilities": self.rounded_probs(b),
-            "map_peaks": [float(f"{p:.5g}") for p in peaks],  # significant digits: tiny peaks stay > 0
-            "zero_maps": sum(p <= 0.0 for p in peaks),
-            "attribute_check": self.check,
-            "text": text,
-            "model_id": meta.model_id,
-        }
-
-
-def _group_of(meta: PackageMeta) -> dict[int, str]:
-    return {i: group for group, indices in meta.attribute_groups.items() for i in indices}
 
 
 class Explainer:
@@ -128,7 +47,7 @@ class Explainer:
             else None
         )
         self.top_k = min(cfg.top_k, len(meta.attributes))
-        self.groups = _group_of(meta)
+        self.records = Records(meta)
         self.check = attribute_check(meta.metrics, meta.class_attributes, cfg.min_attr_acc, cfg.min_attr_gain)
         if not self.check["reliable"]:
             log.warning("model %s: %s", meta.model_id, self.check["message"])
@@ -156,7 +75,7 @@ class Explainer:
         named, contrasts = [], []
         for b, c in enumerate(classes_h):
             row = self.meta.class_attributes[c] if self.meta.class_attributes is not None else None
-            chosen, pairs = choose_attributes(probs_h[b], contribs_h[b], row, self.groups, self.top_k,
+            chosen, pairs = choose_attributes(probs_h[b], contribs_h[b], row, self.records.groups, self.top_k,
                                                 self.cfg.attr_threshold, self.cfg.max_contrasts)  # fmt: skip
             named.append(chosen)
             contrasts.append(pairs)
@@ -193,8 +112,8 @@ class Explainer:
         tensors = [self.transform(torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1))
                    for im in images]  # fmt: skip
         result = self.infer(torch.stack(tensors))
-        records = []
+        explained = []
         for b in range(len(images)):
-            record = result.record(b, self.meta)
-            records.append({"json": record, "txt": record["text"], "maps": result.image_maps(b)})
-        return records
+            record = self.records.record(result, b)
+            explained.append({"json": record, "txt": record["text"], "maps": result.image_maps(b)})
+        return explained

@@ -30,8 +30,8 @@ from eatdist.config import ExplainConfig
 from eatdist.data.remote import name_of
 from eatdist.errors import ConfigError, EatdistError
 from eatdist.explain.encode import Encoded, EncoderPool, EncodeTask, Outputs, encode_members, npy_bytes
-from eatdist.explain.explainer import BatchResult
 from eatdist.explain.loader import Chunk
+from eatdist.explain.records import BatchResult, Records
 from eatdist.explain.render import render_batch
 from eatdist.models.package import PackageMeta
 from eatdist.store.base import ShardSink, Store
@@ -130,6 +130,7 @@ class ShardWriterThread:
 
     def __init__(self, meta: PackageMeta, cfg: ExplainConfig, store: Store, device: torch.device | None = None) -> None:
         self.meta, self.outputs, self.store = meta, Outputs.from_config(cfg), store
+        self.records = Records(meta)
         self.device = device or torch.device("cpu")
         self.on_device = draws_on_device(cfg, self.device)
         workers = cfg.encode_workers
@@ -175,7 +176,7 @@ class ShardWriterThread:
         task = EncodeTask(chunk.keys, chunk.truths, self._source, result, renamed=chunk.renamed)
         task.images = chunk.images if self.outputs.images else None
         try:
-            encoded: Encoded | Exception = encode_members(task, self.meta, self.outputs)
+            encoded: Encoded | Exception = encode_members(task, self.records, self.outputs)
         except Exception as exc:  # noqa: BLE001  (the thread raises it, closing the shard unpublished)
             encoded = exc
         self._put(_Encoded(encoded, _renamed(chunk)))
@@ -263,7 +264,7 @@ class ShardWriterThread:
         elif self.outputs.images:
             task.images = chunk.images
         if self.pool is None:
-            self._write(writer, report, encode_members(task, self.meta, self.outputs))
+            self._write(writer, report, encode_members(task, self.records, self.outputs))
             return
         try:
             self._pending.append(self.pool.submit(task))
