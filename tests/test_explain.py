@@ -119,6 +119,11 @@ def test_choose_attributes_names_only_present_ones_and_contrasts():
     assert named[2].instead_of == 4 and all(probs[n.index] > 0.5 for n in named)
     _, contrasts = choose_attributes(probs, contrib, class_row, {}, top_k=2, threshold=0.5, max_contrasts=1)
     assert contrasts == [(4, None)]  # without groups nothing is shown "instead"
+    # ties keep the attributes' order: reasons of equal contribution, "against" ones of equal probability
+    named, _ = choose_attributes([0.9, 0.8, 0.6, 0.6, 0.9], [1.0, 2.0, -1.0, -1.0, 1.0], [0.9, 0.9, 0.1, 0.1, 0.9],
+                                 {}, top_k=3, threshold=0.5, max_contrasts=0)  # fmt: skip
+    assert [(n.index, n.role) for n in named] == [(1, "supports"), (0, "supports"), (4, "supports"),
+                                                  (2, "against"), (3, "against")]  # fmt: skip
 
 
 def test_contributions_are_the_class_score_along_each_attribute_direction():

@@ -81,7 +81,10 @@ class Explainer:
             contrasts.append(pairs)
         # One map slot per possible name; slots past an image's names are computed and dropped.
         slots = max(1, max(len(n) for n in named))
-        indices = torch.tensor([[x.index for x in n] + [0] * (slots - len(n)) for n in named], device=batch.device)
+        flat: list[int] = []
+        for n in named:
+            flat += [x.index for x in n] + [0] * (slots - len(n))
+        indices = torch.tensor(flat, device=batch.device).view(len(named), slots)
         raw = explanation_maps(self.model, batch, out.features.float(), classes, indices)
         peaks = raw.flatten(2).amax(2)
         maps = normalise_maps(raw).to(torch.float16)

@@ -32,6 +32,7 @@ The rule (documented in the README, section "Explanation"):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +111,9 @@ def choose_attributes(
     usually lacks that are not named yet (role "against", most probable first).
     """
     present = [a for a, p in enumerate(probs) if p > threshold]
-    supports = sorted((a for a in present if contributions[a] > 0), key=lambda a: -contributions[a])[:top_k]
+    # reverse=True keeps equal keys in index order, as sorting by the negated key does
+    supports = sorted([a for a in present if contributions[a] > 0], key=contributions.__getitem__, reverse=True)
+    supports = supports[:top_k]
     named = [Named(a, "supports") for a in supports]
     contrasts: list[tuple[int, int | None]] = []
     if class_row is not None and max_contrasts > 0:
@@ -118,8 +121,8 @@ def choose_attributes(
         taken = set(supports)
         for a in sorted(missing, key=lambda a: (-class_row[a], probs[a]))[:max_contrasts]:
             group = groups.get(a)
-            shown = [b for b in present if group is not None and groups.get(b) == group]
-            best = max(shown, key=lambda b: probs[b]) if shown else None
+            shown = [b for b in present if groups.get(b) == group] if group is not None else []
+            best = max(shown, key=probs.__getitem__) if shown else None
             contrasts.append((a, best))
             if best is not None and best not in taken:
                 named.append(Named(best, "instead", instead_of=a))
@@ -127,16 +130,18 @@ def choose_attributes(
     if class_row is not None:
         taken = {n.index for n in named}
         unusual = [a for a in present if class_row[a] < CHARACTERISTIC and a not in taken]
-        named += [Named(a, "against") for a in sorted(unusual, key=lambda a: -probs[a])]
+        named += [Named(a, "against") for a in sorted(unusual, key=probs.__getitem__, reverse=True)]
     return named, contrasts
 
 
+@functools.lru_cache(maxsize=4096)  # names and groups are a package's few hundred
 def _value(name: str, group: str | None) -> str | None:
     """The value part of a "group: value" name (CUB style), or None for a plain name."""
     head, sep, value = name.partition(": ")
     return value if sep and (group is None or head == group) else None
 
 
+@functools.lru_cache(maxsize=4096)
 def _phrase(name: str) -> str:
     if ":" in name:  # "bill shape: dagger" reads best as it is
         return name
@@ -150,6 +155,8 @@ def _join(phrases: list[str]) -> str:
 
 def grouped_phrases(names: list[str], groups: list[str | None]) -> list[str]:
     """Return reading phrases, one per group in first-seen order: "bill shape: dagger and needle", "a red body"."""
+    if len(groups) == len(names) and all(g is None for g in groups):
+        return [_phrase(name) for name in names]
     order: list[str | None] = []
     members: dict[str | None, list[str]] = {}
     for i, (name, group) in enumerate(zip(names, groups, strict=True)):
