@@ -123,6 +123,42 @@ def test_default_outputs_are_json_text_and_maps_and_report_draws_the_pictures(tm
     assert "<img " not in page and "Some cards have no pictures" in page and "test-000000.tar" in page
 
 
+def _picture(image, fmt, **kw):
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_image_part_is_the_input_jpeg_itself_when_that_is_the_image_explained(tmp_path, package, workers):
+    from eatdist.data.shards import AtomicShardWriter
+
+    y, x = np.mgrid[0:40, 0:56]
+    photo = Image.fromarray(np.stack([x * 4, y * 6, (x + y) * 2], axis=2).astype(np.uint8))  # smooth: JPEG keeps it
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # viewers turn it; the model saw it unturned
+    inputs = {
+        "rgb_jpeg": ("jpg", _picture(photo, "JPEG", quality=80)),
+        "grey_jpeg": ("jpg", _picture(photo.convert("L"), "JPEG")),
+        "exif_rotated": ("jpg", _picture(photo, "JPEG", exif=rotated)),
+        "png": ("png", _picture(photo, "PNG")),
+    }
+    (tmp_path / "in").mkdir()
+    with AtomicShardWriter(tmp_path / "in" / "mixed-000000.tar") as writer:
+        for key, (ext, data) in inputs.items():
+            writer.write({"__key__": key, ext: data, "json": b'{"class": 1}'})
+    cfg = ExplainConfig(batch_size=3, num_workers=workers, outputs=["json", "image", "overlay"])
+    run_explain(str(package), str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"), cfg)
+    got = {s["__key__"]: s for s in samples(tmp_path / "out")}
+    assert got["rgb_jpeg"]["image.jpg"] == inputs["rgb_jpeg"][1]  # the input's own bytes, not encoded again
+    for key, (ext, data) in inputs.items():
+        copy = got[key]["image.jpg"]
+        assert (copy == data) == (key == "rgb_jpeg")  # the others are the decoded RGB image, encoded
+        explained = np.asarray(decode_image({ext: data}), dtype=np.float32)
+        assert np.abs(np.asarray(Image.open(io.BytesIO(copy)), dtype=np.float32) - explained).mean() < 3
+        assert Image.open(io.BytesIO(copy)).mode == "RGB" and got[key]["overlay.jpg"][:2] == b"\xff\xd8"
+
+
 def test_an_explanation_sample_and_its_input_give_the_overlays_explain_writes(tiny_corpus, every_part):
     inputs = {s["__key__"]: s for s in iter_shard(tiny_corpus.root / "test-000000.tar")}
     for sample in samples(every_part)[:5]:

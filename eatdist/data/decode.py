@@ -142,6 +142,21 @@ def _sized(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     return tensor, (tensor.shape[2], tensor.shape[1])
 
 
+def input_jpeg(sample: dict[str, Any]) -> bytes | None:
+    """Return the sample's image bytes when they are a JPEG that decodes to what :func:`decode_image`
+    gives (colour, no EXIF rotation), else None: a copy of the input can be the bytes themselves."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    data = sample[ext] if ext in ("jpg", "jpeg") else b""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            plain = img.format == "JPEG" and img.mode == "RGB" and img.getexif().get(0x0112, 1) == 1
+    except Exception:  # noqa: BLE001  (an image PIL cannot open is reported by decode_image)
+        return None
+    return data if plain else None
+
+
 def jpeg_bytes(sample: dict[str, Any]) -> torch.Tensor | None:
     """Return a JPEG sample's encoded bytes as a uint8 tensor (for decoding on a GPU), else None.
 

@@ -68,6 +68,11 @@ class Outputs:
         """The image parts asked for (full names)."""
         return [p for p in self.parts if p.split(".", 1)[0] in IMAGE_PARTS]
 
+    @property
+    def copies_input(self) -> bool:
+        """Whether the image part is a JPEG, which an input JPEG can be as it is (no second encoding)."""
+        return self.name("image") == "image.jpg"
+
 
 _NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
@@ -101,18 +106,25 @@ class EncodeTask(SharesImages):
     source_shard: str
     result: BatchResult
     images: list[np.ndarray] | None = None  # [H, W, 3] uint8, when image parts are drawn here
+    originals: list[bytes | None] | None = None  # per key: the input JPEG the image part copies, or None
     rendered: list[dict[str, bytes]] | None = None  # image parts drawn and encoded on the device
     renamed: dict[str, str] = field(default_factory=dict)  # safe key -> the original key with its dots
 
 
-def render_images(image: np.ndarray, maps: np.ndarray, outputs: Outputs) -> dict[str, bytes]:
-    """Return the image parts of one image, drawn on the CPU: ``maps`` is its ``[1 + k, h, w]`` float32."""
+def render_images(
+    image: np.ndarray, maps: np.ndarray, outputs: Outputs, original: bytes | None = None
+) -> dict[str, bytes]:
+    """Return the image parts of one image, drawn on the CPU: ``maps`` is its ``[1 + k, h, w]`` float32.
+
+    ``original``: the input's JPEG bytes when they decode to ``image`` (:func:`~eatdist.data.decode.input_jpeg`);
+    a JPEG image part is then those bytes, not a second encoding of the decoded pixels.
+    """
     pil = Image.fromarray(image)
     parts: dict[str, bytes] = {}
     for name in outputs.images:
         stem, fmt = name.split(".", 1)
         if stem == "image":
-            parts[name] = encode(pil, fmt)
+            parts[name] = original if original is not None and name == "image.jpg" else encode(pil, fmt)
         elif stem == "overlay":
             parts[name] = overlay(pil, maps[0], outputs.alpha, fmt)
         else:
@@ -138,10 +150,13 @@ def encode_batch(task: EncodeTask, records: Records, outputs: Outputs) -> list[d
             sample["txt"] = text.encode()
         if "heatmaps.npy" in outputs.parts:
             sample["heatmaps.npy"] = npy_bytes(maps)
+        original = task.originals[b] if task.originals else None
         if task.rendered is not None:
             sample.update(task.rendered[b])
+            if original is not None and outputs.copies_input:
+                sample["image.jpg"] = original
         elif task.images is not None:
-            sample.update(render_images(task.images[b], maps.astype(np.float32), outputs))
+            sample.update(render_images(task.images[b], maps.astype(np.float32), outputs, original))
         samples.append(sample)
     return samples
 

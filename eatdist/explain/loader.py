@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
-from eatdist.data.decode import decode_on_device, jpeg_bytes
+from eatdist.data.decode import decode_on_device, input_jpeg, jpeg_bytes
 from eatdist.data.pipeline import BadSample, decode_image
 from eatdist.data.shardindex import load_index
 from eatdist.data.shards import iter_shard
@@ -111,6 +111,8 @@ class Chunk(SharesImages):
     bad: list[dict[str, str]] = field(default_factory=list)  # undecodable: key and reason
     renamed: dict[str, str] = field(default_factory=dict)  # safe key -> the original key with its dots
     jpegs: list[torch.Tensor | None] | None = None  # encoded JPEGs the model's device decodes, per key
+    # per key, when the image part copies the input: its JPEG bytes (:func:`input_jpeg`) or None
+    originals: list[bytes | None] = field(default_factory=list)
     read: int = 0  # samples of the shard read up to the end of this chunk
     error: str | None = None  # the shard ended here: why
     decode_s: float = 0.0
@@ -133,10 +135,18 @@ def _true_class(sample: dict[str, Any]) -> int | None:
 class ShardChunks(IterableDataset):
     """The chunks of the shard named in a shared buffer; set it with :meth:`select` before each pass."""
 
-    def __init__(self, transform: v2.Compose, batch_size: int, keep_images: bool = True, jpegs_for: int = 0) -> None:
+    def __init__(
+        self,
+        transform: v2.Compose,
+        batch_size: int,
+        keep_images: bool = True,
+        jpegs_for: int = 0,
+        keep_originals: bool = False,
+    ) -> None:
         super().__init__()
         self.transform, self.batch_size = transform, batch_size
         self.keep_images = keep_images  # False: ``Chunk.images`` stays empty (nothing is drawn from it)
+        self.keep_originals = keep_originals  # True: ``Chunk.originals`` holds the input JPEGs
         # > 0: JPEGs are passed on encoded (Chunk.jpegs) with a zero input of this size in their place
         self.jpegs_for = jpegs_for
         self._url = multiprocessing.Array("c", _URL_BYTES, lock=False)
@@ -177,6 +187,8 @@ class ShardChunks(IterableDataset):
             chunk.renamed[key] = original
         chunk.keys.append(key)
         chunk.truths.append(_true_class(sample))
+        if self.keep_originals:
+            chunk.originals.append(input_jpeg(sample))
         if self.jpegs_for:
             if chunk.jpegs is None:
                 chunk.jpegs = []
@@ -284,6 +296,7 @@ def decode_chunk(chunk: Chunk, transform: v2.Compose, device: torch.device) -> t
         chunk.keys = [chunk.keys[i] for i in keep]
         chunk.truths = [chunk.truths[i] for i in keep]
         chunk.images = [chunk.images[i] for i in keep] if chunk.images else []
+        chunk.originals = [chunk.originals[i] for i in keep] if chunk.originals else []
         pixels = pixels[keep] if keep else None
     return pixels
 

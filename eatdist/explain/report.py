@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from eatdist.atomic import write_text
+from eatdist.data.decode import input_jpeg
 from eatdist.data.pipeline import BadSample, decode_image
 from eatdist.data.remote import is_remote
 from eatdist.data.shards import iter_shard
@@ -177,28 +178,32 @@ def _find(sample: dict[str, Any], stem: str) -> tuple[str, bytes] | tuple[None, 
     return (key, sample[key]) if key is not None else (None, None)
 
 
-def _drawn_parts(sample: dict[str, Any], image: Image.Image | None) -> dict[str, Any]:
+def _drawn_parts(sample: dict[str, Any], image: tuple[Image.Image, bytes | None] | None) -> dict[str, Any]:
     """Return ``sample`` with the image parts it lacks drawn from its ``heatmaps.npy`` over ``image``
-    (its input), as ``eatdist explain`` draws them; unchanged without an image or maps."""
+    (its input, and its JPEG bytes when the copy can be them), as ``eatdist explain`` draws them;
+    unchanged without an image or maps."""
     if image is None or "heatmaps.npy" not in sample or _find(sample, "overlay")[0] is not None:
         return sample
     maps = np.load(io.BytesIO(sample["heatmaps.npy"]), allow_pickle=False).astype(np.float32)
-    drawn = render_images(np.asarray(image), maps, Outputs(("json", *DRAWN_PARTS)))
+    drawn = render_images(np.asarray(image[0]), maps, Outputs(("json", *DRAWN_PARTS)), image[1])
     return {**drawn, **sample}
 
 
-def _input_images(store: Store, shard: str, keys: set[str]) -> tuple[dict[str, Image.Image], str | None]:
+def _input_images(
+    store: Store, shard: str, keys: set[str]
+) -> tuple[dict[str, tuple[Image.Image, bytes | None]], str | None]:
     """Return the images of ``keys`` in the input shard of the output shard ``shard`` (named in the
-    job's ``_job.json``), and why some could not be read (None when all were)."""
+    job's ``_job.json``), each with its JPEG bytes when the copy can be them (:func:`input_jpeg`),
+    and why some could not be read (None when all were)."""
     try:
         url = next(u for u in read_job(store)["inputs"] if output_name(u) == shard)
     except (DataError, StopIteration, KeyError, TypeError):
         return {}, f"{shard}: no input shard recorded in {JOB_FILE}"
-    found: dict[str, Image.Image] = {}
+    found: dict[str, tuple[Image.Image, bytes | None]] = {}
     try:
         for sample in iter_shard(url):
             if sample["__key__"] in keys:
-                found[sample["__key__"]] = decode_image(sample)
+                found[sample["__key__"]] = (decode_image(sample), input_jpeg(sample))
                 if len(found) == len(keys):
                     break
     except (DataError, BadSample, OSError) as exc:

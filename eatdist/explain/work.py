@@ -43,9 +43,10 @@ class ShardWork:
     def __init__(self, explainer: Explainer, store: Store, cfg: ExplainConfig, rank: int = 0) -> None:
         self.explainer, self.store, self.cfg, self.rank = explainer, store, cfg, rank
         # The decoded images travel to this process only when image parts are drawn from them.
-        images = bool(Outputs.from_config(cfg).images)  # a bad explain.outputs fails before any work
+        outputs = Outputs.from_config(cfg)  # a bad explain.outputs fails before any work
         size = explainer.preprocess.image_size if cfg.decode_device == "model" else 0
-        self.dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=images, jpegs_for=size)
+        self.dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=bool(outputs.images),
+                                   jpegs_for=size, keep_originals=outputs.copies_input)  # fmt: skip
         self.loader = make_loader(self.dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
         # Start the workers before any thread exists (forking a threaded process is unsafe).
         self.dataset.select("")

@@ -175,6 +175,7 @@ class ShardWriterThread:
             return
         task = EncodeTask(chunk.keys, chunk.truths, self._source, result, renamed=chunk.renamed)
         task.images = chunk.images if self.outputs.images else None
+        task.originals = chunk.originals
         try:
             encoded: Encoded | Exception = encode_members(task, self.records, self.outputs)
         except Exception as exc:  # noqa: BLE001  (the thread raises it, closing the shard unpublished)
@@ -257,6 +258,7 @@ class ShardWriterThread:
     def _encode(self, writer: ShardSink, report: ShardReport, chunk: Chunk, result: BatchResult) -> None:
         task = EncodeTask(chunk.keys, chunk.truths, name_of(report.output), result, renamed=chunk.renamed)
         report.renamed += _renamed(chunk)
+        task.originals = chunk.originals
         if self.outputs.images and self.on_device:
             started = time.perf_counter()
             task.rendered = self._render(chunk, result)
@@ -277,7 +279,10 @@ class ShardWriterThread:
             images = [torch.from_numpy(a).to(self.device).permute(2, 0, 1) for a in chunk.images]
             maps = torch.from_numpy(result.maps).to(self.device)
             counts = [len(n) for n in result.named]
-            return render_batch(images, maps, counts, self.outputs.images, self.outputs.alpha)
+            parts = self.outputs.images
+            if chunk.originals and all(o is not None for o in chunk.originals):  # the inputs are the copies
+                parts = [p for p in parts if p != "image.jpg"]
+            return render_batch(images, maps, counts, parts, self.outputs.alpha)
 
     def _write_done(self, writer: ShardSink | None, report: ShardReport | None, block: bool) -> None:
         """Write the batches back from the processes, oldest first: all of them when ``block``, else
