@@ -145,9 +145,8 @@ def _sized(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
 def input_jpeg(sample: dict[str, Any]) -> bytes | None:
     """Return the sample's image bytes when they are a JPEG that decodes to what :func:`decode_image`
     gives (colour, no EXIF rotation), else None: a copy of the input can be the bytes themselves."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    data = sample[ext] if ext in ("jpg", "jpeg") else b""
-    if not data.startswith(b"\xff\xd8"):
+    data = _jpeg(sample)
+    if data is None:
         return None
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
@@ -163,11 +162,16 @@ def jpeg_bytes(sample: dict[str, Any]) -> torch.Tensor | None:
     Raises:
         BadSample: when the sample has no image.
     """
+    data = _jpeg(sample)
+    return None if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _jpeg(sample: dict[str, Any]) -> bytes | None:
+    """The sample's image bytes when it is a JPEG (by name and by its first bytes), else None.
+    Raises BadSample when the sample has no image."""
     ext = image_ext(sample)
     data = sample[ext]
-    if ext not in ("jpg", "jpeg") or not data.startswith(b"\xff\xd8"):
-        return None
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return data if ext in ("jpg", "jpeg") and data.startswith(b"\xff\xd8") else None
 
 
 def decode_on_device(
