@@ -34,6 +34,8 @@ from eatdist.models.package import PackageMeta
 PARTS = ("json", "txt", "heatmaps.npy", "overlay", "attr_maps", "image")
 IMAGE_PARTS = ("overlay", "attr_maps", "image")
 DEFAULT_OUTPUTS = ["json", "txt", "heatmaps.npy"]
+# Every part a sample can hold, by full name: the picture parts as JPEG or PNG.
+FULL_NAMES = (*PARTS[:3], *(f"{stem}.{ext}" for stem in IMAGE_PARTS for ext in ("jpg", "png")))
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,15 @@ class Outputs:
         """Return the parts of ``cfg.outputs``; a part named without extension takes ``cfg.overlay_format``.
 
         Raises:
-            ConfigError: when json is missing or a part is named twice.
+            ConfigError: when a part is unknown, json is missing or a part is named twice.
         """
         parts = tuple(p if p in PARTS[:3] or "." in p else f"{p}.{cfg.overlay_format}" for p in cfg.outputs)
+        unknown = [p for p in parts if p not in FULL_NAMES]
+        if unknown:
+            raise ConfigError(
+                f"config key 'explain.outputs': unknown part {unknown[0]!r} (parts: {', '.join(PARTS)}; "
+                "pictures as .jpg or .png)"
+            )
         stems = [p.split(".", 1)[0] if p != "heatmaps.npy" else p for p in parts]
         if "json" not in stems:
             raise ConfigError("config key 'explain.outputs': must include json (evaluate and report read it)")
