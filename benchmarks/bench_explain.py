@@ -7,7 +7,8 @@ then rounds that alternate (forward and reverse order) between
             (default: json, txt, heatmaps.npy; +overlay, +attr_maps, +image; all), tar writing
 on the same shards, batch size and workers (encoding processes: explain's default).
 Prints medians over the rounds: images/s (wall) and CPU ms per image (this process and all its
-children: loader workers and encoding processes), their ratios, explain's time split and the
+children: loader workers and encoding processes), their ratios, the medians of the same ratios
+taken within each round ("per round": throughput / CPU), explain's time split and the
 main process's peak memory early in a run against the end of it (flat when equal). On a machine
 shared with other work, wall time swings: the CPU ratio is the steadier figure.
 
@@ -199,7 +200,7 @@ def bench_case(backbone: str, size: int, images: int, source: int, args: argpars
               f"{med['plain'][1] / images * 1e3:7.2f} CPU ms/img", flush=True)  # fmt: skip
         for row in args.rows:
             split = {k: statistics.median(s[k] for s in splits[row]) / images * 1e3 for k in splits[row][0]}
-            print_row(case, workers, row, images, med["plain"], med[row], split)
+            print_row(case, workers, row, images, med["plain"], med[row], split, paired(runs["plain"], runs[row]))
         early, late = max(rss_early, default=0), max(rss_late, default=0)
         peak = f", peak device memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if explainer.on_gpu else ""
         print(f"{'':<26} RSS MB (main process) early {early:.0f} end {late:.0f}{peak}", flush=True)
@@ -207,11 +208,20 @@ def bench_case(backbone: str, size: int, images: int, source: int, args: argpars
             torch.cuda.reset_peak_memory_stats()
 
 
-def print_row(case: str, workers: int, row: str, images: int, plain: tuple, run: tuple, split: dict) -> None:
+def paired(plain: list[tuple[float, float]], run: list[tuple[float, float]]) -> tuple[float, float]:
+    """Medians of the ratios within each round (throughput, CPU): a slow spell of the machine that
+    spans a round weighs on both runs of its pair alike."""
+    pairs = list(zip(plain, run, strict=True))
+    return statistics.median(p[0] / r[0] for p, r in pairs), statistics.median(r[1] / p[1] for p, r in pairs)
+
+
+def print_row(
+    case: str, workers: int, row: str, images: int, plain: tuple, run: tuple, split: dict, pairs: tuple
+) -> None:
     shown = " ".join(f"{k} {v:.2f}" for k, v in split.items() if v)
     print(f"{case:<26} w={workers} n={images:<4} {row:<11} {images / run[0]:7.1f} img/s {run[1] / images * 1e3:7.2f} "
-          f"CPU ms/img | throughput x{plain[0] / run[0]:.3f}  CPU x{run[1] / plain[1]:.3f} | split ms/img: {shown}",
-          flush=True)  # fmt: skip
+          f"CPU ms/img | throughput x{plain[0] / run[0]:.3f}  CPU x{run[1] / plain[1]:.3f} "
+          f"| per round x{pairs[0]:.3f} / x{pairs[1]:.3f} | split ms/img: {shown}", flush=True)  # fmt: skip
 
 
 def plain_command(package: str, corpus: str, workers: int, batch: int) -> None:
