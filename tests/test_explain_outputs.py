@@ -184,6 +184,9 @@ def test_bad_outputs_are_one_line_config_errors(tmp_path, tiny_corpus, package):
     with pytest.raises(ConfigError, match=r"unknown part 'overlay\.jpeg'"):
         run_explain(str(package), str(tiny_corpus.root / "test-*.tar"), str(tmp_path / "o"),
                     ExplainConfig(outputs=["json", "overlay.jpeg"]))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"unknown part 'overlays' "):  # named as the user wrote it
+        run_explain(str(package), str(tiny_corpus.root / "test-*.tar"), str(tmp_path / "o"),
+                    ExplainConfig(outputs=["json", "overlays"]))  # fmt: skip
     assert not (tmp_path / "o").exists()
 
 

@@ -53,7 +53,7 @@ class Outputs:
             ConfigError: when a part is unknown, json is missing or a part is named twice.
         """
         parts = tuple(p if p in PARTS[:3] or "." in p else f"{p}.{cfg.overlay_format}" for p in cfg.outputs)
-        unknown = [p for p in parts if p not in FULL_NAMES]
+        unknown = [given for given, p in zip(cfg.outputs, parts, strict=True) if p not in FULL_NAMES]  # as written
         if unknown:
             raise ConfigError(
                 f"config key 'explain.outputs': unknown part {unknown[0]!r} (parts: {', '.join(PARTS)}; "
