@@ -31,3 +31,33 @@ def test_nonlinear_heads_use_batched_autograd():
         closed_form_maps(model, torch.randn(1, model.num_features, 2, 2), torch.tensor([0]), torch.tensor([[1]]))
     maps = gradcam_autograd(model, torch.randn(2, 3, 64, 64), torch.tensor([1, 2]), torch.tensor([[0, 1], [2, 3]]))
     assert maps.shape == (2, 3, 2, 2) and (maps >= 0).all()
+
+
+@pytest.mark.parametrize("head_hidden", [0, 16])
+def test_explainer_maps_and_contributions_are_those_of_the_cam_functions(head_hidden):
+    from eatdist.config import ExplainConfig
+    from eatdist.explain.cam import explanation_maps
+    from eatdist.explain.explainer import Explainer
+    from eatdist.explain.text import attribute_contributions
+    from eatdist.models.package import PackageMeta
+
+    torch.manual_seed(0)
+    model = EATModel(create_backbone("test_resnet"), 4, 7, head_hidden=head_hidden).eval()
+    preprocess = {"image_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+    meta = PackageMeta(backbone="test_resnet", backbone_args={}, classes=list("abcd"),
+                       attributes=[f"attr {a}" for a in range(7)], preprocess=preprocess,
+                       class_attributes=[[float((a + c) % 2) for a in range(7)] for c in range(4)])  # fmt: skip
+    explainer = Explainer(model, meta, ExplainConfig(), torch.device("cpu"))
+    images = torch.randn(5, 3, 64, 64)
+    result = explainer.infer(images)
+    with explainer.inference():
+        out = model(images)
+        classes = torch.tensor(result.classes)
+        contributions = attribute_contributions(model, out.features, classes)  # no cached directions
+        slots = result.maps.shape[1] - 1
+        picked = torch.tensor([[n.index for n in row] + [0] * (slots - len(row)) for row in result.named])
+        maps = explanation_maps(model, images, out.features, classes, picked)
+    assert classes.tolist() == out.class_logits.argmax(1).tolist()
+    torch.testing.assert_close(torch.tensor(result.contributions), contributions, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(result.maps).float(), normalise_maps(maps), atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.tensor(result.peaks), maps.flatten(2).amax(2), atol=1e-6, rtol=1e-5)

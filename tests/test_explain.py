@@ -126,6 +126,53 @@ def test_choose_attributes_names_only_present_ones_and_contrasts():
                                                   (2, "against"), (3, "against")]  # fmt: skip
 
 
+def rule_image_by_image(probs, contributions, class_row, groups, top_k, threshold, max_contrasts):
+    """The naming rule stated attribute by attribute, for one image (what the batch chooser must give)."""
+    present = [a for a, p in enumerate(probs) if p > threshold]
+    supports = sorted([a for a in present if contributions[a] > 0], key=lambda a: -contributions[a])[:top_k]
+    named, contrasts = [(a, "supports", None) for a in supports], []
+    if class_row is None:
+        return named, contrasts
+    if max_contrasts > 0:
+        missing = [a for a, f in enumerate(class_row) if f >= 0.5 and probs[a] <= threshold]
+        for a in sorted(missing, key=lambda a: (-class_row[a], probs[a]))[:max_contrasts]:
+            shown = [b for b in present if a in groups and groups.get(b) == groups[a]]
+            best = max(shown, key=lambda b: probs[b]) if shown else None  # the first of equal maxima
+            contrasts.append((a, best))
+            if best is not None and best not in [n[0] for n in named]:
+                named.append((best, "instead", a))
+    taken = [n[0] for n in named]
+    unusual = [a for a in present if class_row[a] < 0.5 and a not in taken]
+    return named + [(a, "against", None) for a in sorted(unusual, key=lambda a: -probs[a])], contrasts
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_batch_chooser_names_what_the_rule_names_image_by_image(seed):
+    import torch
+
+    from eatdist.explain.text import AttributeChooser
+
+    gen = torch.Generator().manual_seed(seed)
+    count, attributes, classes = 24, 13, 5
+    # values on a coarse grid, so that ties in every ranking are common; float32 as the model gives them
+    probs = (torch.rand(count, attributes, generator=gen) * 10).round() / 10
+    contributions = (torch.randn(count, attributes, generator=gen) * 2).round() / 2
+    contributions[0, :3] = float("nan")
+    rows = ((torch.rand(classes, attributes, generator=gen) * 4).round() / 4).tolist()
+    groups = {a: f"g{a % 4}" for a in range(attributes) if a % 5}  # some attributes in no group
+    predicted = torch.randint(classes, (count,), generator=gen).tolist()
+    p64, c64 = probs.double().numpy(), contributions.double().numpy()
+    for top_k, threshold, max_contrasts in [(3, 0.5, 2), (0, 0.3, 1), (13, 0.7, 13), (2, 0.5, 0)]:
+        for class_rows in (rows, None):
+            chooser = AttributeChooser(class_rows, groups, attributes, top_k, threshold, max_contrasts)
+            named, contrasts = chooser.choose(p64, c64, predicted)
+            for b, c in enumerate(predicted):
+                want = rule_image_by_image(probs[b].tolist(), contributions[b].tolist(),
+                                           class_rows[c] if class_rows else None, groups, top_k, threshold,
+                                           max_contrasts)  # fmt: skip
+                assert ([(n.index, n.role, n.instead_of) for n in named[b]], contrasts[b]) == want
+
+
 def test_contributions_are_the_class_score_along_each_attribute_direction():
     import torch
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import pickle
 import random
 
 import numpy as np
@@ -82,11 +83,13 @@ def test_encoded_records_are_json_dumps_of_the_record_byte_for_byte(groups):
     nan.contributions[2][0], nan.peaks[3][0] = math.nan, math.inf  # json's NaN and Infinity
     seen = set()
     for result in [*cases, nan]:
+        sent = pickle.loads(pickle.dumps(result))  # as an encoding process receives it
         for b in range(len(result)):
             text = records.text(result, b)
             record = records.record(result, b, text)
             extra = EXTRAS[b % len(EXTRAS)]
             assert records.encode(result, b, text, extra) == json.dumps(record | extra).encode()
+            assert records.encode(sent, b, records.text(sent, b), extra) == json.dumps(record | extra).encode()
             assert record["text"] == records.text(result, b) == records.record(result, b)["text"]
             seen |= {item["role"] for item in record["top_attributes"]}
             seen |= {"instead_of" for item in record["top_attributes"] if "instead_of" in item}

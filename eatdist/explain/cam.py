@@ -34,11 +34,26 @@ def closed_form_maps(
     ``[B, K]`` attribute indices. Raises:
         ValueError: when the heads are not linear (use :func:`gradcam_autograd`).
     """
+    weights, w_class = head_weights(model), linear_weight(model.class_head)
+    if weights is None or w_class is None:
+        raise ValueError("closed-form maps need linear heads; use gradcam_autograd")
+    return weighted_maps(weights, torch.cat([classes[:, None], attributes + len(w_class)], dim=1), features)
+
+
+def head_weights(model: EATModel) -> torch.Tensor | None:
+    """Return the class head's rows, then the attribute head's (``[N + A, C]``), or None unless both are linear."""
     w_class, w_attr = linear_weight(model.class_head), linear_weight(model.attr_head)
     if w_class is None or w_attr is None:
-        raise ValueError("closed-form maps need linear heads; use gradcam_autograd")
-    weights = torch.cat([w_class[classes][:, None, :], w_attr[attributes]], dim=1)  # [B, 1+K, C]
-    return torch.relu(torch.einsum("bkc,bchw->bkhw", weights.to(features.dtype), features))
+        return None
+    return torch.cat([w_class, w_attr]).detach()
+
+
+def weighted_maps(weights: torch.Tensor, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Return ``[B, K, H, W]``: ``relu(sum_c weights[rows[b, k], c] * features[b, c])``, the CAM of
+    each row of :func:`head_weights` that ``rows`` (``[B, K]``) picks. One batched matrix product."""
+    b, _, h, w = features.shape
+    picked = weights[rows].to(features.dtype)  # [B, K, C]
+    return torch.bmm(picked, features.reshape(b, features.shape[1], h * w)).relu_().view(b, -1, h, w)
 
 
 def spatial_head_maps(

@@ -13,9 +13,9 @@ from PIL import Image
 from eatdist.config import ExplainConfig
 from eatdist.data.pipeline import Preprocess, build_transform
 from eatdist.errors import ConfigError
-from eatdist.explain.cam import explanation_maps, normalise_maps
+from eatdist.explain.cam import explanation_maps, head_weights, weighted_maps
 from eatdist.explain.records import BatchResult, Records
-from eatdist.explain.text import attribute_check, attribute_contributions, choose_attributes
+from eatdist.explain.text import AttributeChooser, attribute_check, attribute_contributions, attribute_directions
 from eatdist.models.eat import EATModel
 from eatdist.models.package import PackageMeta
 
@@ -48,6 +48,11 @@ class Explainer:
         )
         self.top_k = min(cfg.top_k, len(meta.attributes))
         self.records = Records(meta)
+        self.chooser = AttributeChooser(meta.class_attributes, self.records.groups, len(meta.attributes),
+                                        self.top_k, cfg.attr_threshold, cfg.max_contrasts)  # fmt: skip
+        self.directions = attribute_directions(self.model)
+        # the closed-form maps' weights; spatial and MLP heads take explanation_maps' other routes
+        self.head_weights = head_weights(self.model) if self.model.linear_heads and not self.model.spatial else None
         self.check = attribute_check(meta.metrics, meta.class_attributes, cfg.min_attr_acc, cfg.min_attr_gain)
         if not self.check["reliable"]:
             log.warning("model %s: %s", meta.model_id, self.check["message"])
@@ -66,39 +71,36 @@ class Explainer:
             return batch, self.model(batch)
 
     def results(self, batch: torch.Tensor, out: Any) -> BatchResult:
-        """Named attributes and maps for the outputs of :meth:`forward`, moved to the host as arrays."""
-        class_probs = out.class_logits.float().softmax(1)
-        confidence, classes = class_probs.max(1)
-        attr_probs = out.attr_logits.float().sigmoid()
-        contributions = attribute_contributions(self.model, out.features, classes)
-        probs_h, contribs_h, classes_h = attr_probs.tolist(), contributions.tolist(), classes.tolist()
-        named, contrasts = [], []
-        for b, c in enumerate(classes_h):
-            row = self.meta.class_attributes[c] if self.meta.class_attributes is not None else None
-            chosen, pairs = choose_attributes(probs_h[b], contribs_h[b], row, self.records.groups, self.top_k,
-                                                self.cfg.attr_threshold, self.cfg.max_contrasts)  # fmt: skip
-            named.append(chosen)
-            contrasts.append(pairs)
+        """Named attributes and maps for the outputs of :meth:`forward`, moved to the host as arrays.
+
+        Few device operations per batch (each costs more than its arithmetic on small batches);
+        the attributes are chosen on the host for the whole batch, and the maps are scaled there.
+        """
+        features = out.features.float()
+        confidence, classes = out.class_logits.float().softmax(1).max(1)
+        contributions = attribute_contributions(self.model, features, classes, self.directions)
+        numbers = torch.cat([confidence[:, None], out.attr_logits.float().sigmoid(), contributions], 1)
+        numbers_h = numbers.cpu().numpy().astype(np.float64)  # float32 values, exact in float64
+        classes_h = classes.tolist()
+        attributes = len(self.meta.attributes)
+        probs_h, contribs_h = numbers_h[:, 1 : 1 + attributes], numbers_h[:, 1 + attributes :]
+        named, contrasts = self.chooser.choose(probs_h, contribs_h, classes_h)
         # One map slot per possible name; slots past an image's names are computed and dropped.
         slots = max(1, max(len(n) for n in named))
-        flat: list[int] = []
-        for n in named:
-            flat += [x.index for x in n] + [0] * (slots - len(n))
-        indices = torch.tensor(flat, device=batch.device).view(len(named), slots)
-        raw = explanation_maps(self.model, batch, out.features.float(), classes, indices)
-        peaks = raw.flatten(2).amax(2)
-        maps = normalise_maps(raw).to(torch.float16)
-        return BatchResult(
-            classes=classes_h,
-            confidence=confidence.tolist(),
-            named=named,
-            contrasts=contrasts,
-            contributions=contribs_h,
-            attr_probs=probs_h,
-            peaks=peaks.tolist(),
-            maps=maps.cpu().numpy(),
-            check=self.check,
-        )
+        indices = np.zeros((len(named), slots), dtype=np.int64)
+        for b, row in enumerate(named):
+            indices[b, : len(row)] = [n.index for n in row]
+        indices_d = torch.from_numpy(indices).to(batch.device)
+        if self.head_weights is not None:
+            rows = torch.cat([classes[:, None], indices_d + len(self.meta.classes)], dim=1)
+            raw = weighted_maps(self.head_weights, rows, features)
+        else:
+            raw = explanation_maps(self.model, batch, features, classes, indices_d)
+        raw_h = raw.float().cpu().numpy()
+        peaks = raw_h.reshape(*raw_h.shape[:2], -1).max(2)
+        maps = (raw_h / np.maximum(peaks, np.float32(1e-12))[..., None, None]).astype(np.float16)
+        return BatchResult.of_arrays(classes_h, numbers_h[:, :1], probs_h, contribs_h, peaks, named, contrasts,
+                                     maps, self.check)  # fmt: skip
 
     def inference(self) -> contextlib.AbstractContextManager[Any]:
         """The autograd mode the maps allow: inference mode, but MLP heads need autograd (Grad-CAM)."""

@@ -51,6 +51,49 @@ class BatchResult:
     _arrays: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
     _finite: bool | None = field(default=None, init=False, repr=False, compare=False)
 
+    @classmethod
+    def of_arrays(
+        cls,
+        classes: list[int],
+        confidence: np.ndarray,
+        attr_probs: np.ndarray,
+        contributions: np.ndarray,
+        peaks: np.ndarray,
+        named: list[list[Named]],
+        contrasts: list[list[tuple[int, int | None]]],
+        maps: np.ndarray,
+        check: dict[str, Any],
+    ) -> BatchResult:
+        """Return the result of host arrays (``confidence`` ``[B, 1]``), which the records then round
+        without turning the lists back into arrays."""
+        arrays = {"confidence": confidence, "attr_probs": attr_probs, "contributions": contributions, "peaks": peaks}
+        arrays = {name: np.asarray(array, dtype=np.float64) for name, array in arrays.items()}
+        result = cls(classes, arrays["confidence"][:, 0].tolist(), named, contrasts, arrays["contributions"].tolist(),
+                     arrays["attr_probs"].tolist(), arrays["peaks"].tolist(), maps, check)  # fmt: skip
+        result._arrays.update(arrays)
+        return result
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to an encoding process: the host arrays, not the lists made of them, and each named
+        # attribute as a plain tuple (pickling thousands of small objects costs the sender dearly).
+        state = {name: getattr(self, name) for name in ("classes", "contrasts", "maps", "check")}
+        state["named"] = [[(n.index, n.role, n.instead_of) for n in row] for row in self.named]
+        state["arrays"] = self._array_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        arrays = state.pop("arrays")
+        named = [[Named(*n) for n in row] for row in state.pop("named")]
+        lists = {name: array.tolist() for name, array in arrays.items()}
+        self.__init__(  # type: ignore[misc]
+            named=named, confidence=[c for c, in lists["confidence"]], contributions=lists["contributions"],
+            attr_probs=lists["attr_probs"], peaks=lists["peaks"], **state
+        )  # fmt: skip
+        self._arrays.update(arrays)
+
+    def _array_state(self) -> dict[str, np.ndarray]:
+        return {name: self._array(name) for name in ("confidence", "attr_probs", "contributions", "peaks")}
+
     def __len__(self) -> int:
         return len(self.classes)
 

@@ -36,6 +36,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from eatdist.models.eat import EATModel, linear_weight
@@ -44,7 +45,28 @@ from eatdist.models.eat import EATModel, linear_weight
 CHARACTERISTIC = 0.5
 
 
-def attribute_contributions(model: EATModel, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Directions:
+    """A model's attribute directions, computed once per model: the unit rows ``û_a`` (``[A, C]``)
+    and each class's score along them, ``w_c · û_a`` (``[N, A]``); both None for MLP heads."""
+
+    units: torch.Tensor | None
+    alignment: torch.Tensor | None
+
+
+def attribute_directions(model: EATModel) -> Directions:
+    """Return ``model``'s :class:`Directions` (float32, on the model's device)."""
+    w_class, w_attr = linear_weight(model.class_head), model.attribute_directions()
+    if w_class is None or w_attr is None:
+        return Directions(None, None)
+    with torch.no_grad():
+        unit = w_attr.float() / w_attr.float().norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return Directions(unit, w_class.float() @ unit.T)
+
+
+def attribute_contributions(
+    model: EATModel, features: torch.Tensor, classes: torch.Tensor, directions: Directions | None = None
+) -> torch.Tensor:
     """Return ``[B, A]``: the part of each image's predicted-class score along each attribute direction.
 
     ``features`` is the ``[B, C, H, W]`` feature map; the contribution of attribute ``a`` to class
@@ -52,22 +74,22 @@ def attribute_contributions(model: EATModel, features: torch.Tensor, classes: to
     gradient at ``f`` and ``û_a`` the attribute logit's unit gradient (for linear heads: the
     weight rows; for a spatial head: its 1x1 convolution's rows, and ``f`` the features of the
     cells where the attribute is seen, weighted by its positive map). See the module docstring.
+    ``directions``: :func:`attribute_directions` of ``model``, when a caller keeps them.
     """
     features = features.float()
+    directions = directions or attribute_directions(model)
+    unit, alignment = directions.units, directions.alignment
+    if unit is not None and alignment is not None:
+        if model.spatial:
+            # A spatial head sees an attribute in some cells only: f is then the features of the
+            # cells where it is seen (weighted by its positive map), not the mean over the image.
+            seen = model.attr_head.maps(features).relu()  # type: ignore[operator]
+            seen = seen / seen.flatten(2).sum(2).clamp(min=1e-12)[:, :, None, None]
+            along = torch.einsum("bahw,bchw,ac->ba", seen, features, unit)  # û_a · f_a
+        else:
+            along = model.class_input(features) @ unit.T
+        return alignment[classes] * along
     pooled = model.class_input(features)  # what the class head reads
-    w_class, w_attr = linear_weight(model.class_head), model.attribute_directions()
-    if model.spatial and w_class is not None and w_attr is not None:
-        # A spatial head sees an attribute in some cells only: f is then the features of the
-        # cells where it is seen (weighted by its positive map), not the mean over the image.
-        seen = model.attr_head.maps(features).relu()  # type: ignore[operator]
-        seen = seen / seen.flatten(2).sum(2).clamp(min=1e-12)[:, :, None, None]
-        unit = w_attr.float() / w_attr.float().norm(dim=1, keepdim=True).clamp(min=1e-12)  # [A, C]
-        along = torch.einsum("bahw,bchw,ac->ba", seen, features, unit)  # û_a · f_a
-        return (w_class.float()[classes] @ unit.T) * along
-    if w_class is not None and w_attr is not None:
-        g_class = w_class.float()[classes]  # [B, C]
-        unit = w_attr.float() / w_attr.float().norm(dim=1, keepdim=True).clamp(min=1e-12)  # [A, C]
-        return (g_class @ unit.T) * (pooled @ unit.T)
     with torch.enable_grad():
         x = pooled.detach().requires_grad_(True)
         score = model.class_head(x).gather(1, classes[:, None]).sum()
@@ -80,7 +102,7 @@ def attribute_contributions(model: EATModel, features: torch.Tensor, classes: to
     return (torch.einsum("bc,abc->ba", g_class, unit) * torch.einsum("bc,abc->ba", x.detach(), unit)).detach()
 
 
-@dataclass
+@dataclass(slots=True)  # made for every named attribute of every image
 class Named:
     """One attribute the text names: its index, why it is named, and (for a contrast) what it replaces."""
 
@@ -89,6 +111,84 @@ class Named:
     # "against": shown although the class usually lacks it
     role: str
     instead_of: int | None = None
+
+
+class AttributeChooser:
+    """Picks the attributes each image's text names, for a whole batch at once (rules 1-4 of the
+    module docstring), with one package's class attributes and groups.
+
+    :meth:`choose` works on ``[B, A]`` arrays, so its cost per image does not grow with a
+    package's hundreds of attributes the way a loop over them would.
+    """
+
+    def __init__(
+        self,
+        class_attributes: list[list[float]] | None,
+        groups: dict[int, str],
+        num_attributes: int,
+        top_k: int,
+        threshold: float,
+        max_contrasts: int,
+    ) -> None:
+        self.top_k, self.threshold, self.max_contrasts = top_k, threshold, max_contrasts
+        self.rows = np.asarray(class_attributes, dtype=np.float64) if class_attributes is not None else None
+        names = sorted(set(groups.values()))
+        self.group = np.full(num_attributes, -1, dtype=np.int64)  # each attribute's group number, -1: none
+        for a, name in groups.items():
+            self.group[a] = names.index(name)
+
+    def choose(
+        self, probs: np.ndarray, contributions: np.ndarray, classes: list[int]
+    ) -> tuple[list[list[Named]], list[list[tuple[int, int | None]]]]:
+        """Return, per image, (named, contrasts) for its ``[A]`` rows of float64 ``probs`` and
+        ``contributions`` and its predicted class.
+
+        ``named`` holds up to ``top_k`` present attributes (``p > threshold``) with a positive
+        contribution, best first (role "supports"), then the attributes shown instead of missing
+        characteristic ones that are not reasons already (role "instead"). ``contrasts`` pairs
+        each of up to ``max_contrasts`` characteristic attributes of the class that the image
+        lacks (``p <= threshold``; most characteristic first, then least probable) with the most
+        probable present attribute of its group, or None when the group shows nothing. Last come
+        the present attributes the class usually lacks that are not named yet (role "against",
+        most probable first). Equal keys keep the attributes' order.
+        """
+        count = len(classes)
+        present = probs > self.threshold
+        named = [[Named(a, "supports") for a in row]
+                 for row in _ranked(present & (contributions > 0), -contributions, self.top_k)]  # fmt: skip
+        contrasts: list[list[tuple[int, int | None]]] = [[] for _ in range(count)]
+        if self.rows is None:
+            return named, contrasts
+        freq = self.rows[classes]
+        if self.max_contrasts > 0:
+            missing = (freq >= CHARACTERISTIC) & (probs <= self.threshold)
+            lacked_rows = _ranked(missing, -freq, self.max_contrasts, probs)
+            images = [b for b, row in enumerate(lacked_rows) for _ in row]
+            if images:
+                lacked = np.asarray([a for row in lacked_rows for a in row])
+                group = self.group[lacked][:, None]
+                shown = present[images] & (self.group == group) & (group >= 0)
+                best = np.where(shown, probs[images], -np.inf).argmax(1)  # the first of equal maxima
+                for b, a, s, any_shown in zip(images, lacked.tolist(), best.tolist(), shown.any(1).tolist(),
+                                              strict=True):  # fmt: skip
+                    contrasts[b].append((a, s if any_shown else None))
+                    if any_shown and all(n.index != s for n in named[b]):
+                        named[b].append(Named(s, "instead", instead_of=a))
+        unusual = _ranked(present & (freq < CHARACTERISTIC), -probs, probs.shape[1])
+        for row, against in zip(named, unusual, strict=True):
+            if against:
+                taken = {n.index for n in row}
+                row += [Named(a, "against") for a in against if a not in taken]
+        return named, contrasts
+
+
+def _ranked(keep: np.ndarray, key: np.ndarray, most: int, then: np.ndarray | None = None) -> list[list[int]]:
+    """Return, per row, the first ``most`` columns where ``keep`` holds, by ascending ``key`` (ties:
+    by ascending ``then``, then by column). One sort for the batch: the others go to the end."""
+    key = np.where(keep, key, np.inf)
+    order = np.lexsort((then, key), axis=1) if then is not None else key.argsort(axis=1, kind="stable")
+    counts = np.minimum(keep.sum(1), most).tolist()
+    return [row[:n] for row, n in zip(order[:, : max(counts, default=0)].tolist(), counts, strict=True)]
 
 
 def choose_attributes(
@@ -100,38 +200,12 @@ def choose_attributes(
     threshold: float,
     max_contrasts: int,
 ) -> tuple[list[Named], list[tuple[int, int | None]]]:
-    """Pick the attributes one image's text names; return (named, contrasts).
-
-    ``named`` holds up to ``top_k`` present attributes (``p > threshold``) with a positive
-    contribution, best first (role "supports"), then the attributes shown instead of missing
-    characteristic ones that are not reasons already (role "instead"). ``contrasts`` pairs each
-    of up to ``max_contrasts`` characteristic attributes of the class that the image lacks
-    (``p <= threshold``; most characteristic first) with the most probable present attribute of
-    its group, or None when the group shows nothing. Last come the present attributes the class
-    usually lacks that are not named yet (role "against", most probable first).
-    """
-    present = [a for a, p in enumerate(probs) if p > threshold]
-    # reverse=True keeps equal keys in index order, as sorting by the negated key does
-    supports = sorted([a for a in present if contributions[a] > 0], key=contributions.__getitem__, reverse=True)
-    supports = supports[:top_k]
-    named = [Named(a, "supports") for a in supports]
-    contrasts: list[tuple[int, int | None]] = []
-    if class_row is not None and max_contrasts > 0:
-        missing = [a for a, freq in enumerate(class_row) if freq >= CHARACTERISTIC and probs[a] <= threshold]
-        taken = set(supports)
-        for a in sorted(missing, key=lambda a: (-class_row[a], probs[a]))[:max_contrasts]:
-            group = groups.get(a)
-            shown = [b for b in present if groups.get(b) == group] if group is not None else []
-            best = max(shown, key=probs.__getitem__) if shown else None
-            contrasts.append((a, best))
-            if best is not None and best not in taken:
-                named.append(Named(best, "instead", instead_of=a))
-                taken.add(best)
-    if class_row is not None:
-        taken = {n.index for n in named}
-        unusual = [a for a in present if class_row[a] < CHARACTERISTIC and a not in taken]
-        named += [Named(a, "against") for a in sorted(unusual, key=probs.__getitem__, reverse=True)]
-    return named, contrasts
+    """Pick the attributes one image's text names; return (named, contrasts). See :meth:`AttributeChooser.choose`."""
+    chooser = AttributeChooser([class_row] if class_row is not None else None, groups, len(probs), top_k,
+                               threshold, max_contrasts)  # fmt: skip
+    as_rows = (np.asarray([values], dtype=np.float64) for values in (probs, contributions))
+    named, contrasts = chooser.choose(*as_rows, [0])
+    return named[0], contrasts[0]
 
 
 @functools.lru_cache(maxsize=4096)  # names and groups are a package's few hundred
