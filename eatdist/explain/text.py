@@ -117,8 +117,8 @@ class AttributeChooser:
     """Picks the attributes each image's text names, for a whole batch at once (rules 1-4 of the
     module docstring), with one package's class attributes and groups.
 
-    :meth:`choose` works on ``[B, A]`` arrays, so its cost per image does not grow with a
-    package's hundreds of attributes the way a loop over them would.
+    :meth:`choose` works on ``[B, A]`` arrays: one sort per rule for the whole batch, not a
+    Python loop over every attribute of every image.
     """
 
     def __init__(
