@@ -49,6 +49,10 @@ def test_explainer_maps_and_contributions_are_those_of_the_cam_functions(head_hi
                        class_attributes=[[float((a + c) % 2) for a in range(7)] for c in range(4)])  # fmt: skip
     explainer = Explainer(model, meta, ExplainConfig(), torch.device("cpu"))
     images = torch.randn(5, 3, 64, 64)
+    explainer.infer(images)
+    with torch.no_grad():  # weights changed after the explainer was made (fine-tuned, loaded)
+        for p in [*model.class_head.parameters(), *model.attr_head.parameters()]:
+            p.mul_(-1.5)
     result = explainer.infer(images)
     with explainer.inference():
         out = model(images)

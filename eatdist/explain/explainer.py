@@ -50,12 +50,23 @@ class Explainer:
         self.records = Records(meta)
         self.chooser = AttributeChooser(meta.class_attributes, self.records.groups, len(meta.attributes),
                                         self.top_k, cfg.attr_threshold, cfg.max_contrasts)  # fmt: skip
-        self.directions = attribute_directions(self.model)
-        # the closed-form maps' weights; spatial and MLP heads take explanation_maps' other routes
-        self.head_weights = head_weights(self.model) if self.model.linear_heads and not self.model.spatial else None
+        self._heads: tuple[tuple[int, int], ...] = ()
+        self._constants()
         self.check = attribute_check(meta.metrics, meta.class_attributes, cfg.min_attr_acc, cfg.min_attr_gain)
         if not self.check["reliable"]:
             log.warning("model %s: %s", meta.model_id, self.check["message"])
+
+    def _constants(self) -> None:
+        """Compute the heads' constants (:func:`attribute_directions`, the closed-form maps' weights)
+        again whenever a head's weights changed (a model fine-tuned between calls, weights loaded)."""
+        heads = tuple((id(p), p._version) for head in (self.model.class_head, self.model.attr_head)
+                      for p in head.parameters())  # fmt: skip
+        if heads != self._heads:
+            self._heads = heads
+            self.directions = attribute_directions(self.model)
+            # spatial and MLP heads take explanation_maps' other routes
+            linear = self.model.linear_heads and not self.model.spatial
+            self.head_weights = head_weights(self.model) if linear else None
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.cfg.bf16 and self.on_gpu:
@@ -76,6 +87,7 @@ class Explainer:
         Few device operations per batch (each costs more than its arithmetic on small batches);
         the attributes are chosen on the host for the whole batch, and the maps are scaled there.
         """
+        self._constants()
         features = out.features.float()
         confidence, classes = out.class_logits.float().softmax(1).max(1)
         contributions = attribute_contributions(self.model, features, classes, self.directions)
