@@ -26,18 +26,27 @@ def normalise_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def closed_form_maps(
-    model: EATModel, features: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor
+    model: EATModel,
+    features: torch.Tensor,
+    classes: torch.Tensor,
+    attributes: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return ``[B, 1 + K, H, W]`` maps: the class ``classes[b]``, then attributes ``attributes[b]``.
 
     ``features`` is the ``[B, C, H, W]`` map from :meth:`EATModel.feature_map`; ``attributes`` is
-    ``[B, K]`` attribute indices. Raises:
+    ``[B, K]`` attribute indices; ``weights``: :func:`head_weights` of ``model``, when a caller
+    keeps them. Raises:
         ValueError: when the heads are not linear (use :func:`gradcam_autograd`).
     """
-    weights, w_class = head_weights(model), linear_weight(model.class_head)
+    weights = weights if weights is not None else head_weights(model)
+    w_class = linear_weight(model.class_head)
     if weights is None or w_class is None:
         raise ValueError("closed-form maps need linear heads; use gradcam_autograd")
-    return weighted_maps(weights, torch.cat([classes[:, None], attributes + len(w_class)], dim=1), features)
+    rows = torch.cat([classes[:, None], attributes + len(w_class)], dim=1)  # attribute rows follow the classes
+    b, _, h, w = features.shape
+    picked = weights[rows].to(features.dtype)  # [B, 1 + K, C]
+    return torch.bmm(picked, features.reshape(b, features.shape[1], h * w)).relu_().view(b, -1, h, w)
 
 
 def head_weights(model: EATModel) -> torch.Tensor | None:
@@ -46,14 +55,6 @@ def head_weights(model: EATModel) -> torch.Tensor | None:
     if w_class is None or w_attr is None:
         return None
     return torch.cat([w_class, w_attr]).detach()
-
-
-def weighted_maps(weights: torch.Tensor, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Return ``[B, K, H, W]``: ``relu(sum_c weights[rows[b, k], c] * features[b, c])``, the CAM of
-    each row of :func:`head_weights` that ``rows`` (``[B, K]``) picks. One batched matrix product."""
-    b, _, h, w = features.shape
-    picked = weights[rows].to(features.dtype)  # [B, K, C]
-    return torch.bmm(picked, features.reshape(b, features.shape[1], h * w)).relu_().view(b, -1, h, w)
 
 
 def spatial_head_maps(
@@ -98,11 +99,17 @@ def gradcam_autograd(
 
 
 def explanation_maps(
-    model: EATModel, images: torch.Tensor, features: torch.Tensor, classes: torch.Tensor, attributes: torch.Tensor
+    model: EATModel,
+    images: torch.Tensor,
+    features: torch.Tensor,
+    classes: torch.Tensor,
+    attributes: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return class and attribute maps by the cheapest exact route for ``model``'s heads."""
+    """Return class and attribute maps by the cheapest exact route for ``model``'s heads
+    (``weights``: see :func:`closed_form_maps`)."""
     if model.spatial:
         return spatial_head_maps(model, features, classes, attributes)
     if model.linear_heads:
-        return closed_form_maps(model, features, classes, attributes)
+        return closed_form_maps(model, features, classes, attributes, weights)
     return gradcam_autograd(model, images, classes, attributes)

@@ -13,7 +13,7 @@ from PIL import Image
 from eatdist.config import ExplainConfig
 from eatdist.data.pipeline import Preprocess, build_transform
 from eatdist.errors import ConfigError
-from eatdist.explain.cam import explanation_maps, head_weights, weighted_maps
+from eatdist.explain.cam import explanation_maps, head_weights
 from eatdist.explain.records import BatchResult, Records
 from eatdist.explain.text import AttributeChooser, attribute_check, attribute_contributions, attribute_directions
 from eatdist.models.eat import EATModel
@@ -64,9 +64,7 @@ class Explainer:
         if heads != self._heads:
             self._heads = heads
             self.directions = attribute_directions(self.model)
-            # spatial and MLP heads take explanation_maps' other routes
-            linear = self.model.linear_heads and not self.model.spatial
-            self.head_weights = head_weights(self.model) if linear else None
+            self.head_weights = head_weights(self.model)  # None unless both heads are linear
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.cfg.bf16 and self.on_gpu:
@@ -103,11 +101,7 @@ class Explainer:
         for b, row in enumerate(named):
             indices[b, : len(row)] = [n.index for n in row]
         indices_d = torch.from_numpy(indices).to(batch.device)
-        if self.head_weights is not None:
-            rows = torch.cat([classes[:, None], indices_d + len(self.meta.classes)], dim=1)
-            raw = weighted_maps(self.head_weights, rows, features)
-        else:
-            raw = explanation_maps(self.model, batch, features, classes, indices_d)
+        raw = explanation_maps(self.model, batch, features, classes, indices_d, self.head_weights)
         raw_h = raw.float().cpu().numpy()
         peaks = raw_h.reshape(*raw_h.shape[:2], -1).max(2)
         maps = (raw_h / np.maximum(peaks, np.float32(1e-12))[..., None, None]).astype(np.float16)

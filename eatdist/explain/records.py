@@ -78,7 +78,7 @@ class BatchResult:
         # attribute as a plain tuple (pickling thousands of small objects costs the sender dearly).
         state = {name: getattr(self, name) for name in ("classes", "contrasts", "maps", "check")}
         state["named"] = [[(n.index, n.role, n.instead_of) for n in row] for row in self.named]
-        state["arrays"] = self._array_state()
+        state["arrays"] = {name: self._array(name) for name in ("confidence", "attr_probs", "contributions", "peaks")}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -90,9 +90,6 @@ class BatchResult:
             attr_probs=lists["attr_probs"], peaks=lists["peaks"], **state
         )  # fmt: skip
         self._arrays.update(arrays)
-
-    def _array_state(self) -> dict[str, np.ndarray]:
-        return {name: self._array(name) for name in ("confidence", "attr_probs", "contributions", "peaks")}
 
     def __len__(self) -> int:
         return len(self.classes)
