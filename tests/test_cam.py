@@ -1,3 +1,6 @@
+import copy
+import functools
+
 import pytest
 import torch
 
@@ -50,18 +53,32 @@ def test_explainer_maps_and_contributions_are_those_of_the_cam_functions(head_hi
     explainer = Explainer(model, meta, ExplainConfig(), torch.device("cpu"))
     images = torch.randn(5, 3, 64, 64)
     explainer.infer(images)
-    with torch.no_grad():  # weights changed after the explainer was made (fine-tuned, loaded)
-        for p in [*model.class_head.parameters(), *model.attr_head.parameters()]:
-            p.mul_(-1.5)
-    result = explainer.infer(images)
-    with explainer.inference():
-        out = model(images)
-        classes = torch.tensor(result.classes)
-        contributions = attribute_contributions(model, out.features, classes)  # no cached directions
-        slots = result.maps.shape[1] - 1
-        picked = torch.tensor([[n.index for n in row] + [0] * (slots - len(row)) for row in result.named])
-        maps = explanation_maps(model, images, out.features, classes, picked)
-    assert classes.tolist() == out.class_logits.argmax(1).tolist()
-    torch.testing.assert_close(torch.tensor(result.contributions), contributions, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(result.maps).float(), normalise_maps(maps), atol=1e-3, rtol=0)
-    torch.testing.assert_close(torch.tensor(result.peaks), maps.flatten(2).amax(2), atol=1e-6, rtol=1e-5)
+
+    def in_place():
+        with torch.no_grad():
+            for p in [*model.class_head.parameters(), *model.attr_head.parameters()]:
+                p.mul_(-1.5)
+
+    def replaced():
+        model.attr_head = copy.deepcopy(model.attr_head)
+        with torch.no_grad():
+            for p in model.attr_head.parameters():
+                p.copy_(torch.randn_like(p))
+
+    for change in (in_place, replaced):  # weights changed after the explainer was made (fine-tuned, loaded)
+        change()
+        result = explainer.infer(images)
+        with explainer.inference():
+            out = model(images)
+            classes = torch.tensor(result.classes)
+            contributions = attribute_contributions(model, out.features, classes)  # no cached directions
+            slots = result.maps.shape[1] - 1
+            picked = torch.tensor([[n.index for n in row] + [0] * (slots - len(row)) for row in result.named])
+            maps = explanation_maps(model, images, out.features, classes, picked)
+        assert classes.tolist() == out.class_logits.argmax(1).tolist()
+        close = functools.partial(
+            torch.testing.assert_close, rtol=1e-5, msg=lambda m, name=change.__name__: f"{name}: {m}"
+        )
+        close(torch.from_numpy(result.contributions).float(), contributions, atol=1e-5)
+        close(torch.from_numpy(result.maps).float(), normalise_maps(maps), atol=1e-3, rtol=0)
+        close(torch.from_numpy(result.peaks).float(), maps.flatten(2).amax(2), atol=1e-6)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from eatdist.explain.records import BatchResult, Records, round_rows
+from eatdist.explain.records import BatchResult, Records, round_rows, significant, unit_json_rows
 from eatdist.explain.text import choose_attributes
 from eatdist.models.package import PackageMeta
 
@@ -38,7 +38,7 @@ def batch(m, seed, size=16, dtype=torch.float32, check=None):
     """A batch as Explainer.results makes it: float32 numbers, attributes chosen from them."""
     gen = torch.Generator().manual_seed(seed)
     probs = torch.rand(size, len(NAMES), generator=gen, dtype=dtype)
-    probs[0, :4] = torch.tensor([1 / 32, 3 / 64, 0.5, 0.0])  # halves at the 4th and 5th decimal: ties
+    probs[0, :6] = torch.tensor([1 / 32, 3 / 64, 0.5, 0.0, 1.0, 0.99995])  # halves at the 4th and 5th decimal: ties
     contribs = (torch.randn(size, len(NAMES), generator=gen, dtype=dtype) * 2).round(decimals=1)  # ties in the ranking
     confidence, classes = torch.rand(size, 4, generator=gen, dtype=dtype).softmax(1).max(1)
     groups = {i: g for g, members in m.attribute_groups.items() for i in members}
@@ -49,8 +49,9 @@ def batch(m, seed, size=16, dtype=torch.float32, check=None):
         named.append(chosen)
         contrasts.append(pairs)
     slots = max(len(n) for n in named) + 1
-    scale = 10.0 ** torch.randint(-8, 3, (size, slots), generator=gen)  # tiny peaks keep 5 significant digits
-    peaks = torch.rand(size, slots, generator=gen, dtype=dtype) * scale
+    low = -10 if seed % 2 else -7  # tiny peaks keep 5 significant digits (odd seeds: below 1e-8 too)
+    scale = 10.0 ** torch.randint(low, 3, (size, slots), generator=gen)
+    peaks = (0.2 + torch.rand(size, slots, generator=gen, dtype=dtype)) * scale
     peaks[1, :] = 0.0  # all-zero maps
     return BatchResult(
         classes=classes.tolist(),
@@ -101,7 +102,7 @@ def test_encoded_records_are_json_dumps_of_the_record_byte_for_byte(groups):
 def test_records_round_as_python_does_whatever_the_numbers():
     m = meta()
     records = Records(m)
-    for result in (batch(m, 3), batch(m, 4, dtype=torch.float64)):
+    for result in (batch(m, 2), batch(m, 3), batch(m, 4, dtype=torch.float64)):
         for b in range(len(result)):
             record = records.record(result, b)
             assert record["attribute_probabilities"] == [round(p, 4) for p in result.attr_probs[b]]
@@ -109,6 +110,9 @@ def test_records_round_as_python_does_whatever_the_numbers():
             for item in record["top_attributes"]:
                 assert item["probability"] == round(result.attr_probs[b][item["index"]], 5)
                 assert item["contribution"] == round(result.contributions[b][item["index"]], 5)
+            peaks = result.peaks[b][: 1 + len(result.named[b])].tolist()
+            assert record["map_peaks"] == [float(f"{p:.5g}") for p in peaks]
+            assert record["zero_maps"] == sum(p == 0.0 for p in peaks)
     # halves at the last decimal go to the even neighbour, as round does
     assert round_rows(np.array([[1 / 32, 3 / 32, 1 / 64, 3 / 64]]), 4) == [[0.0312, 0.0938, 0.0156, 0.0469]]
     assert round_rows(np.array([[1 / 64, 3 / 64]]), 5) == [[round(1 / 64, 5), round(3 / 64, 5)]] == [[0.01562, 0.04688]]
@@ -117,3 +121,19 @@ def test_records_round_as_python_does_whatever_the_numbers():
     values = np.random.default_rng(0).random((50, 40)).astype(np.float32).astype(np.float64)
     for digits in (4, 5):
         assert round_rows(values, digits) == [[round(v, digits) for v in row] for row in values.tolist()]
+
+
+def test_batch_rounding_shortcuts_give_what_python_gives_value_by_value():
+    rng = np.random.default_rng(1)
+    # peaks: 5 significant digits over every magnitude, ties (1.03125) and values the shortcut leaves alone
+    peaks = (10.0 ** rng.uniform(-10, 6, (40, 50))).astype(np.float32).astype(np.float64)
+    peaks[0, :12] = [0.0, 1.0, 1.03125, 10.3125, 99999.5, 1e5, 1e-8, 1e-9, 3.4e38, 12345.5, 0.1, 65504.0]
+    in_range = peaks[(peaks < 1e5) & ((peaks >= 1.01e-8) | (peaks == 0.0))]
+    for values in (peaks, in_range, peaks + 1e-12):  # all, the shortcut's range, float64 values
+        assert significant(values).ravel().tolist() == [float(f"{v:.5g}") for v in values.ravel().tolist()]
+    # probabilities to 4 decimals, looked up: json's text of round(p, 4)
+    probs = rng.random((30, 40)).astype(np.float32).astype(np.float64)
+    probs[0, :6] = np.float32([0.0, 1.0, 1 / 32, 3 / 64, 0.00005, 0.99995])
+    assert unit_json_rows(probs, 4) == [", ".join(json.dumps(round(p, 4)) for p in row) for row in probs.tolist()]
+    for outside in (np.array([[-0.0, 0.5]]), np.array([[1.5, 0.5]]), np.array([[0.1, 0.5]]), np.array([[math.nan]])):
+        assert unit_json_rows(outside, 4) is None  # -0.0, above 1, not float32, NaN: json writes those

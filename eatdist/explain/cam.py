@@ -45,7 +45,7 @@ def closed_form_maps(
         raise ValueError("closed-form maps need linear heads; use gradcam_autograd")
     rows = torch.cat([classes[:, None], attributes + len(w_class)], dim=1)  # attribute rows follow the classes
     b, _, h, w = features.shape
-    picked = weights[rows].to(features.dtype)  # [B, 1 + K, C]
+    picked = weights.index_select(0, rows.reshape(-1)).view(b, -1, weights.shape[1]).to(features.dtype)  # [B, 1 + K, C]
     return torch.bmm(picked, features.reshape(b, features.shape[1], h * w)).relu_().view(b, -1, h, w)
 
 

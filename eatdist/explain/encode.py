@@ -88,11 +88,13 @@ _NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 def npy_bytes(array: np.ndarray) -> bytes:
     """Return ``array`` in ``.npy`` format (no pickles), byte for byte as ``np.save`` writes it; the
     header of each dtype and shape is made once."""
-    if array.flags.f_contiguous and not array.flags.c_contiguous:  # np.save keeps Fortran order
-        buf = io.BytesIO()
-        np.save(buf, array, allow_pickle=False)
-        return buf.getvalue()
-    array = array if array.flags.c_contiguous else array.copy(order="C")
+    flags = array.flags
+    if not flags.c_contiguous:
+        if flags.f_contiguous:  # np.save keeps Fortran order
+            buf = io.BytesIO()
+            np.save(buf, array, allow_pickle=False)
+            return buf.getvalue()
+        array = array.copy(order="C")
     key = (array.dtype.str, array.shape)
     header = _NPY_HEADERS.get(key)
     if header is None:
@@ -144,19 +146,24 @@ def render_images(
 
 def encode_batch(task: EncodeTask, records: Records, outputs: Outputs) -> list[dict[str, Any]]:
     """Return the output samples of ``task``, one per key, holding the parts of ``outputs``."""
-    samples = []
+    result = task.result
+    texts = {b: records.text(result, b) for b in range(len(task.keys))}
+    extras: dict[int, dict[str, Any]] = {}
     for b, key in enumerate(task.keys):
-        extra: dict[str, Any] = {"source_shard": task.source_shard}
+        extra = extras[b] = {"source_shard": task.source_shard}
         if task.truths[b] is not None:
             extra["true_class"] = task.truths[b]
         if key in task.renamed:
             extra["original_key"] = task.renamed[key]
-        text = records.text(task.result, b)
-        maps = task.result.image_maps(b)
-        sample: dict[str, Any] = {"__key__": key, "json": records.encode(task.result, b, text, extra)}
-        if "txt" in outputs.parts:
-            sample["txt"] = text.encode()
-        if "heatmaps.npy" in outputs.parts:
+    jsons = records.encode_all(result, texts, extras)
+    txt, npy = "txt" in outputs.parts, "heatmaps.npy" in outputs.parts
+    samples = []
+    for b, key in enumerate(task.keys):
+        sample: dict[str, Any] = {"__key__": key, "json": jsons[b]}
+        if txt:
+            sample["txt"] = texts[b].encode()
+        maps = result.image_maps(b)
+        if npy:
             sample["heatmaps.npy"] = npy_bytes(maps)
         original = task.originals[b] if task.originals else None
         if task.rendered is not None:

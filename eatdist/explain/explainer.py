@@ -51,6 +51,8 @@ class Explainer:
         self.chooser = AttributeChooser(meta.class_attributes, self.records.groups, len(meta.attributes),
                                         self.top_k, cfg.attr_threshold, cfg.max_contrasts)  # fmt: skip
         self._heads: tuple[tuple[int, int], ...] = ()
+        self._head_ids: tuple[int, ...] = ()
+        self._layers: list[torch.nn.Module] = []
         self._constants()
         self.check = attribute_check(meta.metrics, meta.class_attributes, cfg.min_attr_acc, cfg.min_attr_gain)
         if not self.check["reliable"]:
@@ -59,8 +61,13 @@ class Explainer:
     def _constants(self) -> None:
         """Compute the heads' constants (:func:`attribute_directions`, the closed-form maps' weights)
         again whenever a head's weights changed (a model fine-tuned between calls, weights loaded)."""
-        heads = tuple((id(p), p._version) for head in (self.model.class_head, self.model.attr_head)
-                      for p in head.parameters())  # fmt: skip
+        modules = (self.model.class_head, self.model.attr_head)
+        if tuple(map(id, modules)) != self._head_ids:  # a head replaced: its layers listed again
+            self._head_ids = tuple(map(id, modules))
+            self._layers = [layer for head in modules for layer in head.modules()]
+        heads = tuple(
+            (id(p), p._version) for layer in self._layers for p in layer._parameters.values() if p is not None
+        )
         if heads != self._heads:
             self._heads = heads
             self.directions = attribute_directions(self.model)
@@ -96,17 +103,15 @@ class Explainer:
         probs_h, contribs_h = numbers_h[:, 1 : 1 + attributes], numbers_h[:, 1 + attributes :]
         named, contrasts = self.chooser.choose(probs_h, contribs_h, classes_h)
         # One map slot per possible name; slots past an image's names are computed and dropped.
-        slots = max(1, max(len(n) for n in named))
-        indices = np.zeros((len(named), slots), dtype=np.int64)
-        for b, row in enumerate(named):
-            indices[b, : len(row)] = [n.index for n in row]
+        counts = np.array([len(row) for row in named], dtype=np.int64)
+        indices = np.zeros((len(named), max(1, int(counts.max()))), dtype=np.int64)
+        indices[np.arange(indices.shape[1]) < counts[:, None]] = [n.index for row in named for n in row]  # row by row
         indices_d = torch.from_numpy(indices).to(batch.device)
         raw = explanation_maps(self.model, batch, features, classes, indices_d, self.head_weights)
         raw_h = raw.float().cpu().numpy()
         peaks = raw_h.reshape(*raw_h.shape[:2], -1).max(2)
         maps = (raw_h / np.maximum(peaks, np.float32(1e-12))[..., None, None]).astype(np.float16)
-        return BatchResult.of_arrays(classes_h, numbers_h[:, :1], probs_h, contribs_h, peaks, named, contrasts,
-                                     maps, self.check)  # fmt: skip
+        return BatchResult(classes_h, numbers_h[:, 0], named, contrasts, contribs_h, probs_h, peaks, maps, self.check)
 
     def inference(self) -> contextlib.AbstractContextManager[Any]:
         """The autograd mode the maps allow: inference mode, but MLP heads need autograd (Grad-CAM)."""

@@ -10,6 +10,7 @@ byte what ``json.dumps`` gives for :meth:`Records.record`.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,11 @@ from eatdist.explain.text import Named, explanation_text
 from eatdist.models.package import PackageMeta
 
 
+def _float32_valued(array: np.ndarray) -> bool:
+    """Whether every finite value of ``array`` (float64) is a float32 value."""
+    return not array.size or bool((array.astype(np.float32) == array)[np.isfinite(array)].all())
+
+
 def round_rows(array: np.ndarray, digits: int) -> list[list[float]]:
     """Return the rows of ``array`` (float64) with every value as ``round(value, digits)`` gives it,
     for ``digits`` <= 5.
@@ -28,68 +34,89 @@ def round_rows(array: np.ndarray, digits: int) -> list[list[float]]:
     array operation rounds it exactly as ``round`` does (half to even on the exact product, then
     the nearest double to the quotient); other values are rounded one by one.
     """
-    if array.size and not (array.astype(np.float32) == array)[np.isfinite(array)].all():
+    if not _float32_valued(array):
         return [[round(v, digits) for v in row] for row in array.tolist()]
     return (np.rint(array * 10.0**digits) / 10.0**digits).tolist()
 
 
+_POWERS = np.array([float(10**k) for k in range(13)])
+
+
+def significant(array: np.ndarray, digits: int = 5) -> np.ndarray:
+    """Return ``float(f"{value:.{digits}g}")`` of every value of ``array`` (float64, ``digits`` <= 5).
+
+    A float32 value of magnitude in [1e-8, ``10**digits``) times ``10**k`` (``k`` <= 12: 52
+    significant bits at most) is exact, so one array operation rounds it as the format does (half
+    to even on the exact value, then the nearest double to the decimal); arrays holding other
+    values are rounded value by value.
+    """
+    size = np.abs(array)
+    shown = size > 0
+    if not (size < 10.0**digits).all() or not (size[shown] >= 1e-8).all() or not _float32_valued(array):
+        return np.array([float(f"{v:.{digits}g}") for v in array.ravel().tolist()]).reshape(array.shape)
+    exponent = np.floor(np.log10(np.where(shown, size, 1.0))).astype(np.int64)
+    scale = _POWERS[digits - 1 - exponent]
+    return np.rint(array * scale) / scale
+
+
+@functools.cache
+def unit_tokens(digits: int) -> tuple[str, ...]:
+    """Return json's text of ``k / 10**digits`` for every ``k`` from 0 to ``10**digits``: each value
+    of [0, 1] rounded to ``digits`` decimals, as ``json.dumps`` writes it (``"0.0"``, ``"0.25"``)."""
+    scale = 10**digits
+    return tuple(repr(k / scale) for k in range(scale + 1))
+
+
+def unit_json_rows(array: np.ndarray, digits: int) -> list[str] | None:
+    """Return each row of ``array`` (float64) rounded to ``digits`` (<= 4) decimals as json writes
+    it, without brackets, by looking each value up in :func:`unit_tokens` (a float's repr costs
+    more than the lookup); None unless every value is a float32 value in [0, 1] (not -0.0)."""
+    if not array.size or np.signbit(array).any() or not array.max() <= 1.0 or not _float32_valued(array):
+        return None
+    tokens = unit_tokens(digits).__getitem__
+    return [", ".join(map(tokens, row)) for row in np.rint(array * 10.0**digits).astype(np.int64).tolist()]
+
+
 @dataclass
 class BatchResult:
-    """A batch's predictions as host arrays and lists (one device-to-host copy per field)."""
+    """A batch's predictions on the host: float64 arrays (one device-to-host copy for the batch).
+
+    The arrays may be given as lists; they are kept as float64 arrays. The values of a model's
+    float32 outputs are exact in float64, so records round them as Python rounds the float32 values.
+    """
 
     classes: list[int]
-    confidence: list[float]
+    confidence: np.ndarray  # [B]
     named: list[list[Named]]  # per image: the attributes its text names (reasons, contrasts, then against)
     contrasts: list[list[tuple[int, int | None]]]  # per image: (characteristic attribute lacked, shown instead)
-    contributions: list[list[float]]  # [B, A], see :func:`attribute_contributions`
-    attr_probs: list[list[float]]  # [B, A]
-    peaks: list[list[float]]  # [B, 1 + K] map maxima before normalisation (0: an all-zero map)
+    contributions: np.ndarray  # [B, A], see :func:`attribute_contributions`
+    attr_probs: np.ndarray  # [B, A]
+    peaks: np.ndarray  # [B, 1 + K] map maxima before normalisation (0: an all-zero map)
     maps: np.ndarray  # [B, 1 + K, h, w] float16, each map scaled to a maximum of 1; K = the most named
     check: dict[str, Any] = field(default_factory=dict)  # :func:`attribute_check` of the model
     _rounded: dict[str, list[list[float]]] = field(default_factory=dict, init=False, repr=False, compare=False)
     _json: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _arrays: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
     _finite: bool | None = field(default=None, init=False, repr=False, compare=False)
+    _peaks: tuple[list[list[float]], list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
-    @classmethod
-    def of_arrays(
-        cls,
-        classes: list[int],
-        confidence: np.ndarray,
-        attr_probs: np.ndarray,
-        contributions: np.ndarray,
-        peaks: np.ndarray,
-        named: list[list[Named]],
-        contrasts: list[list[tuple[int, int | None]]],
-        maps: np.ndarray,
-        check: dict[str, Any],
-    ) -> BatchResult:
-        """Return the result of host arrays (``confidence`` ``[B, 1]``), which the records then round
-        without turning the lists back into arrays."""
-        arrays = {"confidence": confidence, "attr_probs": attr_probs, "contributions": contributions, "peaks": peaks}
-        arrays = {name: np.asarray(array, dtype=np.float64) for name, array in arrays.items()}
-        result = cls(classes, arrays["confidence"][:, 0].tolist(), named, contrasts, arrays["contributions"].tolist(),
-                     arrays["attr_probs"].tolist(), arrays["peaks"].tolist(), maps, check)  # fmt: skip
-        result._arrays.update(arrays)
-        return result
+    def __post_init__(self) -> None:
+        count = len(self.classes)
+        self.confidence = np.asarray(self.confidence, dtype=np.float64).reshape(count)
+        for name in ("contributions", "attr_probs", "peaks"):
+            array = np.asarray(getattr(self, name), dtype=np.float64)
+            setattr(self, name, array if array.ndim == 2 else array.reshape(count, 0))
 
     def __getstate__(self) -> dict[str, Any]:
-        # Sent to an encoding process: the host arrays, not the lists made of them, and each named
-        # attribute as a plain tuple (pickling thousands of small objects costs the sender dearly).
-        state = {name: getattr(self, name) for name in ("classes", "contrasts", "maps", "check")}
+        # Sent to an encoding process: the arrays, and each named attribute as a plain tuple
+        # (pickling thousands of small objects costs the sender dearly); not what was made of them.
+        names = ("classes", "confidence", "contrasts", "contributions", "attr_probs", "peaks", "maps", "check")
+        state = {name: getattr(self, name) for name in names}
         state["named"] = [[(n.index, n.role, n.instead_of) for n in row] for row in self.named]
-        state["arrays"] = {name: self._array(name) for name in ("confidence", "attr_probs", "contributions", "peaks")}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        arrays = state.pop("arrays")
         named = [[Named(*n) for n in row] for row in state.pop("named")]
-        lists = {name: array.tolist() for name, array in arrays.items()}
-        self.__init__(  # type: ignore[misc]
-            named=named, confidence=[c for c, in lists["confidence"]], contributions=lists["contributions"],
-            attr_probs=lists["attr_probs"], peaks=lists["peaks"], **state
-        )  # fmt: skip
-        self._arrays.update(arrays)
+        self.__init__(named=named, **state)  # type: ignore[misc]
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -98,40 +125,53 @@ class BatchResult:
         """Return image ``b``'s ``[1 + k, h, w]`` maps: the class, then its k named attributes."""
         return self.maps[b, : 1 + len(self.named[b])]
 
-    def _array(self, name: str) -> np.ndarray:
-        array = self._arrays.get(name)
-        if array is None:
-            rows = [[c] for c in self.confidence] if name == "confidence" else getattr(self, name)
-            array = self._arrays[name] = np.asarray(rows, dtype=np.float64)
-        return array
-
     def rounded(self, name: str) -> list[list[float]]:
         """Return the batch's ``name``, a row per image, as records give it, rounded for the whole
         batch at once: ``"attr_probs"``, ``"contributions"`` and ``"confidence"`` (rows of one) to 5
         decimals, ``"probs4"`` (the attribute probabilities) to 4."""
         values = self._rounded.get(name)
         if values is None:
-            array = self._array("attr_probs" if name == "probs4" else name)
+            array = self.confidence[:, None] if name == "confidence" else self.attr_probs if name == "probs4" else None
+            array = getattr(self, name) if array is None else array
             values = self._rounded[name] = round_rows(array, 4 if name == "probs4" else 5)
         return values
 
     def json_rows(self, name: str) -> list[str]:
-        """Return each image's row of :meth:`rounded` as json writes it, without its brackets
-        (``"0.5, 0.25"``): one json call for the batch."""
+        """Return each image's row of :meth:`rounded` (or ``"peaks"``: of :meth:`peaks_of`) as json
+        writes it, without its brackets (``"0.5, 0.25"``), for the batch at once."""
         rows = self._json.get(name)
         if rows is None:
-            rows = self._json[name] = json.dumps(self.rounded(name))[2:-2].split("], [") if len(self) else []
+            rows = unit_json_rows(self.attr_probs, 4) if name == "probs4" else None
+            if rows is None:
+                values = self._peak_rows()[0] if name == "peaks" else self.rounded(name)
+                rows = json.dumps(values)[2:-2].split("], [") if len(self) else []
+            self._json[name] = rows
         return rows
 
     def peaks_of(self, b: int) -> list[float]:
         """Return the peaks of image ``b``'s maps to 5 significant digits (tiny peaks stay above 0)."""
-        return [float(f"{p:.5g}") for p in self.peaks[b][: 1 + len(self.named[b])]]
+        return self._peak_rows()[0][b]
+
+    def zero_maps(self, b: int) -> int:
+        """Return how many of image ``b``'s maps are all zero (a peak of 0)."""
+        return self._peak_rows()[1][b]
+
+    def _peak_rows(self) -> tuple[list[list[float]], list[int]]:
+        """Each image's peaks (:meth:`peaks_of`) and its count of all-zero maps, for the batch at once."""
+        if self._peaks is None:
+            array = self.peaks
+            counts = [1 + len(named) for named in self.named]
+            shown = np.arange(array.shape[1]) < np.asarray(counts, dtype=np.int64)[:, None]
+            zeros = ((array <= 0.0) & shown).sum(1).tolist()
+            rows = [row[:n] for row, n in zip(significant(array).tolist(), counts, strict=True)]
+            self._peaks = (rows, zeros)
+        return self._peaks
 
     def finite(self) -> bool:
         """Whether every number of the batch is finite (json then holds no NaN or Infinity)."""
         if self._finite is None:
-            names = ("confidence", "attr_probs", "contributions", "peaks")
-            self._finite = all(bool(np.isfinite(self._array(name)).all()) for name in names)
+            arrays = (self.confidence, self.attr_probs, self.contributions, self.peaks)
+            self._finite = all(bool(np.isfinite(array).all()) for array in arrays)
         return self._finite
 
 
@@ -201,7 +241,7 @@ class Records:
             "lacks": lacks,
             "attribute_probabilities": result.rounded("probs4")[b],
             "map_peaks": peaks,
-            "zero_maps": sum(p <= 0.0 for p in peaks),
+            "zero_maps": result.zero_maps(b),
             "attribute_check": result.check,
             "text": self.text(result, b) if text is None else text,
             "model_id": self.meta.model_id,
@@ -209,27 +249,38 @@ class Records:
 
     def encode(self, result: BatchResult, b: int, text: str, extra: dict[str, Any]) -> bytes:
         """Return ``json.dumps(record(result, b, text) | extra).encode()``, written from its pieces
-        (``extra``: fields the record does not hold, such as ``source_shard``)."""
+        (``extra``: fields the record does not hold, such as ``source_shard``); see :meth:`encode_all`."""
+        return self.encode_all(result, {b: text}, {b: extra})[0]
+
+    def encode_all(self, result: BatchResult, texts: dict[int, str], extras: dict[int, dict[str, Any]]) -> list[bytes]:
+        """Return :meth:`encode` of the images ``texts`` names (in its order), written for the batch
+        at once: the rows rounded, the lookups made and json's checks of the batch done once."""
         if not result.finite():  # json's NaN and Infinity: left to json
-            return json.dumps(self.record(result, b, text) | extra).encode()
-        c, names = result.classes[b], self._names
-        probs, contribs = result.rounded("attr_probs")[b], result.rounded("contributions")[b]
-        top = []
-        for n in result.named[b]:
-            i = n.index
-            tail = f', "instead_of": {names[n.instead_of]}}}' if n.instead_of is not None else "}"
-            top.append(f'{self._top[i]}{probs[i]!r}, "contribution": {contribs[i]!r}, "role": "{n.role}"{tail}')
-        lacks = [f'{self._lacks[a]}{probs[a]!r}, "shows_instead": {names[s] if s is not None else "null"}}}'
-                 for a, s in result.contrasts[b]]  # fmt: skip
-        peaks = result.peaks_of(b)
+            return [json.dumps(self.record(result, b, text) | extras[b]).encode() for b, text in texts.items()]
         if self._check is None or self._check[0] != result.check:
             self._check = (dict(result.check), json.dumps(result.check))
-        more = ", ".join(f"{_string(k)}: {_json_value(v)}" for k, v in extra.items())
-        return "".join((
-            f'{{"class": {c}, "class_name": {self._classes[c]}, "confidence": {result.rounded("confidence")[b][0]!r}',
-            f', "top_attributes": [{", ".join(top)}], "lacks": [{", ".join(lacks)}]',
-            f', "attribute_probabilities": [{result.json_rows("probs4")[b]}]',
-            f', "map_peaks": [{", ".join(map(repr, peaks))}], "zero_maps": {sum(p <= 0.0 for p in peaks)}',
-            f', "attribute_check": {self._check[1]}, "text": {_string(text)}, "model_id": {self._model_id}',
-            f", {more}}}" if more else "}",
-        )).encode()  # fmt: skip
+        tail = f', "attribute_check": {self._check[1]}, "text": '
+        names, items, lacking, classes, model_id = self._names, self._top, self._lacks, self._classes, self._model_id
+        probs_all, contribs_all = result.rounded("attr_probs"), result.rounded("contributions")
+        confidence, probs4, peaks = result.rounded("confidence"), result.json_rows("probs4"), result.json_rows("peaks")
+        zeros, named, contrasts = result._peak_rows()[1], result.named, result.contrasts
+        encoded = []
+        for b, text in texts.items():
+            c, probs, contribs = result.classes[b], probs_all[b], contribs_all[b]
+            top = ", ".join(
+                [
+                    f'{items[n.index]}{probs[n.index]!r}, "contribution": {contribs[n.index]!r}, "role": "{n.role}"'
+                    + (f', "instead_of": {names[n.instead_of]}}}' if n.instead_of is not None else "}")
+                    for n in named[b]
+                ]
+            )
+            lacks = ", ".join([f'{lacking[a]}{probs[a]!r}, "shows_instead": {names[s] if s is not None else "null"}}}'
+                               for a, s in contrasts[b]])  # fmt: skip
+            more = "".join([f", {_string(k)}: {_json_value(v)}" for k, v in extras[b].items()])
+            encoded.append("".join((
+                f'{{"class": {c}, "class_name": {classes[c]}, "confidence": {confidence[b][0]!r}',
+                f', "top_attributes": [{top}], "lacks": [{lacks}], "attribute_probabilities": [{probs4[b]}]',
+                f', "map_peaks": [{peaks[b]}], "zero_maps": {zeros[b]}{tail}{_string(text)}, "model_id": {model_id}',
+                more, "}",
+            )).encode())  # fmt: skip
+        return encoded

@@ -88,7 +88,7 @@ def attribute_contributions(
             along = torch.einsum("bahw,bchw,ac->ba", seen, features, unit)  # û_a · f_a
         else:
             along = model.class_input(features) @ unit.T
-        return alignment[classes] * along
+        return alignment.index_select(0, classes) * along
     pooled = model.class_input(features)  # what the class head reads
     with torch.enable_grad():
         x = pooled.detach().requires_grad_(True)
@@ -102,7 +102,7 @@ def attribute_contributions(
     return (torch.einsum("bc,abc->ba", g_class, unit) * torch.einsum("bc,abc->ba", x.detach(), unit)).detach()
 
 
-@dataclass(slots=True)  # made for every named attribute of every image
+@dataclass(frozen=True, slots=True)  # named for every image: the chooser shares one per attribute and role
 class Named:
     """One attribute the text names: its index, why it is named, and (for a contrast) what it replaces."""
 
@@ -118,7 +118,8 @@ class AttributeChooser:
     module docstring), with one package's class attributes and groups.
 
     :meth:`choose` works on ``[B, A]`` arrays: one sort per rule for the whole batch, not a
-    Python loop over every attribute of every image.
+    Python loop over every attribute of every image. The :class:`Named` it returns are shared
+    between images (they are frozen).
     """
 
     def __init__(
@@ -136,6 +137,8 @@ class AttributeChooser:
         self.group = np.full(num_attributes, -1, dtype=np.int64)  # each attribute's group number, -1: none
         for a, name in groups.items():
             self.group[a] = names.index(name)
+        self._supports = [Named(a, "supports") for a in range(num_attributes)]
+        self._against = [Named(a, "against") for a in range(num_attributes)]
 
     def choose(
         self, probs: np.ndarray, contributions: np.ndarray, classes: list[int]
@@ -152,43 +155,68 @@ class AttributeChooser:
         the present attributes the class usually lacks that are not named yet (role "against",
         most probable first). Equal keys keep the attributes' order.
         """
-        count = len(classes)
         present = probs > self.threshold
-        named = [[Named(a, "supports") for a in row]
-                 for row in _ranked(present & (contributions > 0), -contributions, self.top_k)]  # fmt: skip
-        contrasts: list[list[tuple[int, int | None]]] = [[] for _ in range(count)]
+        supports = self._supports.__getitem__
+        taken = np.zeros_like(present)  # named already
+        reasons = _ranked(
+            present & (contributions > 0), -contributions, self.top_k, taken if self.rows is not None else None
+        )
+        named = [list(map(supports, row)) for row in reasons]
         if self.rows is None:
-            return named, contrasts
+            return named, [[] for _ in classes]
         freq = self.rows[classes]
+        contrasts: list[list[tuple[int, int | None]]] = [[] for _ in classes]
         if self.max_contrasts > 0:
             missing = (freq >= CHARACTERISTIC) & (probs <= self.threshold)
-            lacked_rows = _ranked(missing, -freq, self.max_contrasts, probs)
-            images = [b for b, row in enumerate(lacked_rows) for _ in row]
-            if images:
-                lacked = np.asarray([a for row in lacked_rows for a in row])
-                group = self.group[lacked][:, None]
-                shown = present[images] & (self.group == group) & (group >= 0)
-                best = np.where(shown, probs[images], -np.inf).argmax(1)  # the first of equal maxima
-                for b, a, s, any_shown in zip(images, lacked.tolist(), best.tolist(), shown.any(1).tolist(),
-                                              strict=True):  # fmt: skip
-                    contrasts[b].append((a, s if any_shown else None))
-                    if any_shown and all(n.index != s for n in named[b]):
-                        named[b].append(Named(s, "instead", instead_of=a))
-        unusual = _ranked(present & (freq < CHARACTERISTIC), -probs, probs.shape[1])
-        for row, against in zip(named, unusual, strict=True):
-            if against:
-                taken = {n.index for n in row}
-                row += [Named(a, "against") for a in against if a not in taken]
+            lacked_rows = _ranked(missing, -freq, self.max_contrasts, then=probs)
+            if (self.group < 0).all():  # no group shows anything instead
+                contrasts = [[(a, None) for a in row] for row in lacked_rows]
+            else:
+                self._instead(lacked_rows, present, probs, named, contrasts, taken)
+        unusual = _ranked(present & (freq < CHARACTERISTIC) & ~taken, -probs, probs.shape[1])
+        against = self._against.__getitem__
+        for row, shown in zip(named, unusual, strict=True):
+            row += map(against, shown)
         return named, contrasts
 
+    def _instead(
+        self,
+        lacked_rows: list[list[int]],
+        present: np.ndarray,
+        probs: np.ndarray,
+        named: list[list[Named]],
+        contrasts: list[list[tuple[int, int | None]]],
+        taken: np.ndarray,
+    ) -> None:
+        """Pair each lacked attribute with what its group shows instead (into ``contrasts``) and
+        name what is shown (role "instead") where it is not named already (``taken``, kept up to date)."""
+        images = [b for b, row in enumerate(lacked_rows) for _ in row]
+        if not images:
+            return
+        lacked = np.asarray([a for row in lacked_rows for a in row])
+        group = self.group[lacked][:, None]
+        shown = present[images] & (self.group == group) & (group >= 0)
+        best = np.where(shown, probs[images], -np.inf).argmax(1)  # the first of equal maxima
+        for b, a, s, any_shown in zip(images, lacked.tolist(), best.tolist(), shown.any(1).tolist(), strict=True):
+            contrasts[b].append((a, s if any_shown else None))
+            if any_shown and not taken[b, s]:
+                named[b].append(Named(s, "instead", instead_of=a))
+                taken[b, s] = True
 
-def _ranked(keep: np.ndarray, key: np.ndarray, most: int, then: np.ndarray | None = None) -> list[list[int]]:
+
+def _ranked(
+    keep: np.ndarray, key: np.ndarray, most: int, chosen: np.ndarray | None = None, then: np.ndarray | None = None
+) -> list[list[int]]:
     """Return, per row, the first ``most`` columns where ``keep`` holds, by ascending ``key`` (ties:
-    by ascending ``then``, then by column). One sort for the batch: the others go to the end."""
+    by ascending ``then``, then by column). One sort for the batch: the others go to the end.
+    ``chosen``: a boolean array like ``keep``, set where a column is returned."""
     key = np.where(keep, key, np.inf)
     order = np.lexsort((then, key), axis=1) if then is not None else key.argsort(axis=1, kind="stable")
-    counts = np.minimum(keep.sum(1), most).tolist()
-    return [row[:n] for row, n in zip(order[:, : max(counts, default=0)].tolist(), counts, strict=True)]
+    counts = np.minimum(keep.sum(1), most)
+    if chosen is not None:  # a column's place in its row's order: the inverse permutation
+        chosen |= order.argsort(axis=1) < counts[:, None]
+    widths = counts.tolist()
+    return [row[:n] for row, n in zip(order[:, : max(widths, default=0)].tolist(), widths, strict=True)]
 
 
 def choose_attributes(
