@@ -23,7 +23,8 @@ from eatdist.models.package import PackageMeta
 
 def _float32_valued(array: np.ndarray) -> bool:
     """Whether every finite value of ``array`` (float64) is a float32 value."""
-    return not array.size or bool((array.astype(np.float32) == array)[np.isfinite(array)].all())
+    same = array.astype(np.float32) == array
+    return bool(same.all()) or bool(same[np.isfinite(array)].all())
 
 
 def round_rows(array: np.ndarray, digits: int) -> list[list[float]]:
@@ -60,21 +61,30 @@ def significant(array: np.ndarray, digits: int = 5) -> np.ndarray:
 
 
 @functools.cache
-def unit_tokens(digits: int) -> tuple[str, ...]:
-    """Return json's text of ``k / 10**digits`` for every ``k`` from 0 to ``10**digits``: each value
-    of [0, 1] rounded to ``digits`` decimals, as ``json.dumps`` writes it (``"0.0"``, ``"0.25"``)."""
-    scale = 10**digits
-    return tuple(repr(k / scale) for k in range(scale + 1))
+def unit_cells(digits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return json's text of ``k / 10**digits`` followed by ``", "``, for every ``k`` from 0 to
+    ``10**digits`` (each value of [0, 1] rounded to ``digits`` decimals, as ``json.dumps`` writes
+    it: ``"0.0, "``, ``"0.25, "``), as the rows of a uint8 array padded with zeros, and each length."""
+    texts = [f"{k / 10**digits!r}, ".encode() for k in range(10**digits + 1)]
+    cells = np.zeros((len(texts), max(map(len, texts))), dtype=np.uint8)
+    for k, text in enumerate(texts):
+        cells[k, : len(text)] = np.frombuffer(text, dtype=np.uint8)
+    return cells, np.array([len(text) for text in texts], dtype=np.int64)
 
 
 def unit_json_rows(array: np.ndarray, digits: int) -> list[str] | None:
     """Return each row of ``array`` (float64) rounded to ``digits`` (<= 4) decimals as json writes
-    it, without brackets, by looking each value up in :func:`unit_tokens` (a float's repr costs
-    more than the lookup); None unless every value is a float32 value in [0, 1] (not -0.0)."""
+    it, without brackets, from :func:`unit_cells` for the whole array at once (a float's repr per
+    value costs more); None unless every value is a float32 value in [0, 1] (not -0.0)."""
     if not array.size or np.signbit(array).any() or not array.max() <= 1.0 or not _float32_valued(array):
         return None
-    tokens = unit_tokens(digits).__getitem__
-    return [", ".join(map(tokens, row)) for row in np.rint(array * 10.0**digits).astype(np.int64).tolist()]
+    cells, lengths = unit_cells(digits)
+    steps = np.rint(array * 10.0**digits).astype(np.int64)
+    used = lengths[steps]
+    used[:, -1] -= 2  # no ", " after a row's last value
+    text = cells[steps][np.arange(cells.shape[1]) < used[:, :, None]].tobytes().decode("ascii")
+    ends = np.cumsum(used.sum(1)).tolist()
+    return [text[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 @dataclass
@@ -98,6 +108,7 @@ class BatchResult:
     _json: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False, compare=False)
     _finite: bool | None = field(default=None, init=False, repr=False, compare=False)
     _peaks: tuple[list[list[float]], list[int]] | None = field(default=None, init=False, repr=False, compare=False)
+    _numbers: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         count = len(self.classes)
@@ -125,15 +136,28 @@ class BatchResult:
         """Return image ``b``'s ``[1 + k, h, w]`` maps: the class, then its k named attributes."""
         return self.maps[b, : 1 + len(self.named[b])]
 
+    def numbers(self) -> np.ndarray:
+        """Return ``[B, 1 + 2A]``: each image's confidence, attribute probabilities and contributions."""
+        if self._numbers is None:
+            self._numbers = np.concatenate([self.confidence[:, None], self.attr_probs, self.contributions], axis=1)
+        return self._numbers
+
     def rounded(self, name: str) -> list[list[float]]:
         """Return the batch's ``name``, a row per image, as records give it, rounded for the whole
-        batch at once: ``"attr_probs"``, ``"contributions"`` and ``"confidence"`` (rows of one) to 5
-        decimals, ``"probs4"`` (the attribute probabilities) to 4."""
+        batch at once: ``"numbers"`` (the rows of :meth:`numbers`), ``"attr_probs"``,
+        ``"contributions"`` and ``"confidence"`` (rows of one) to 5 decimals, ``"probs4"`` (the
+        attribute probabilities) to 4."""
         values = self._rounded.get(name)
         if values is None:
-            array = self.confidence[:, None] if name == "confidence" else self.attr_probs if name == "probs4" else None
-            array = getattr(self, name) if array is None else array
-            values = self._rounded[name] = round_rows(array, 4 if name == "probs4" else 5)
+            if name == "numbers":
+                values = round_rows(self.numbers(), 5)
+            elif name == "probs4":
+                values = round_rows(self.attr_probs, 4)
+            else:  # a part of each row of "numbers"
+                a = self.attr_probs.shape[1]
+                start, stop = {"confidence": (0, 1), "attr_probs": (1, 1 + a), "contributions": (1 + a, None)}[name]
+                values = [row[start:stop] for row in self.rounded("numbers")]
+            self._rounded[name] = values
         return values
 
     def json_rows(self, name: str) -> list[str]:
@@ -143,20 +167,20 @@ class BatchResult:
         if rows is None:
             rows = unit_json_rows(self.attr_probs, 4) if name == "probs4" else None
             if rows is None:
-                values = self._peak_rows()[0] if name == "peaks" else self.rounded(name)
+                values = self.peak_rows()[0] if name == "peaks" else self.rounded(name)
                 rows = json.dumps(values)[2:-2].split("], [") if len(self) else []
             self._json[name] = rows
         return rows
 
     def peaks_of(self, b: int) -> list[float]:
         """Return the peaks of image ``b``'s maps to 5 significant digits (tiny peaks stay above 0)."""
-        return self._peak_rows()[0][b]
+        return self.peak_rows()[0][b]
 
     def zero_maps(self, b: int) -> int:
         """Return how many of image ``b``'s maps are all zero (a peak of 0)."""
-        return self._peak_rows()[1][b]
+        return self.peak_rows()[1][b]
 
-    def _peak_rows(self) -> tuple[list[list[float]], list[int]]:
+    def peak_rows(self) -> tuple[list[list[float]], list[int]]:
         """Each image's peaks (:meth:`peaks_of`) and its count of all-zero maps, for the batch at once."""
         if self._peaks is None:
             array = self.peaks
@@ -170,8 +194,7 @@ class BatchResult:
     def finite(self) -> bool:
         """Whether every number of the batch is finite (json then holds no NaN or Infinity)."""
         if self._finite is None:
-            arrays = (self.confidence, self.attr_probs, self.contributions, self.peaks)
-            self._finite = all(bool(np.isfinite(array).all()) for array in arrays)
+            self._finite = bool(np.isfinite(self.numbers()).all()) and bool(np.isfinite(self.peaks).all())
         return self._finite
 
 
@@ -261,24 +284,24 @@ class Records:
             self._check = (dict(result.check), json.dumps(result.check))
         tail = f', "attribute_check": {self._check[1]}, "text": '
         names, items, lacking, classes, model_id = self._names, self._top, self._lacks, self._classes, self._model_id
-        probs_all, contribs_all = result.rounded("attr_probs"), result.rounded("contributions")
-        confidence, probs4, peaks = result.rounded("confidence"), result.json_rows("probs4"), result.json_rows("peaks")
-        zeros, named, contrasts = result._peak_rows()[1], result.named, result.contrasts
+        rows, probs4, peaks = result.rounded("numbers"), result.json_rows("probs4"), result.json_rows("peaks")
+        zeros, named, contrasts = result.peak_rows()[1], result.named, result.contrasts
+        at = 1 + result.attr_probs.shape[1]  # where a row's contributions start, after its probabilities
         encoded = []
         for b, text in texts.items():
-            c, probs, contribs = result.classes[b], probs_all[b], contribs_all[b]
+            c, row = result.classes[b], rows[b]
             top = ", ".join(
                 [
-                    f'{items[n.index]}{probs[n.index]!r}, "contribution": {contribs[n.index]!r}, "role": "{n.role}"'
+                    f'{items[n.index]}{row[1 + n.index]!r}, "contribution": {row[at + n.index]!r}, "role": "{n.role}"'
                     + (f', "instead_of": {names[n.instead_of]}}}' if n.instead_of is not None else "}")
                     for n in named[b]
                 ]
             )
-            lacks = ", ".join([f'{lacking[a]}{probs[a]!r}, "shows_instead": {names[s] if s is not None else "null"}}}'
+            lacks = ", ".join([f'{lacking[a]}{row[1 + a]!r}, "shows_instead": {names[s] if s is not None else "null"}}}'
                                for a, s in contrasts[b]])  # fmt: skip
             more = "".join([f", {_string(k)}: {_json_value(v)}" for k, v in extras[b].items()])
             encoded.append("".join((
-                f'{{"class": {c}, "class_name": {classes[c]}, "confidence": {confidence[b][0]!r}',
+                f'{{"class": {c}, "class_name": {classes[c]}, "confidence": {row[0]!r}',
                 f', "top_attributes": [{top}], "lacks": [{lacks}], "attribute_probabilities": [{probs4[b]}]',
                 f', "map_peaks": [{peaks[b]}], "zero_maps": {zeros[b]}{tail}{_string(text)}, "model_id": {model_id}',
                 more, "}",

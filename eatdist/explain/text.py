@@ -137,6 +137,7 @@ class AttributeChooser:
         self.group = np.full(num_attributes, -1, dtype=np.int64)  # each attribute's group number, -1: none
         for a, name in groups.items():
             self.group[a] = names.index(name)
+        self.grouped = bool((self.group >= 0).any())
         self._supports = [Named(a, "supports") for a in range(num_attributes)]
         self._against = [Named(a, "against") for a in range(num_attributes)]
 
@@ -169,7 +170,7 @@ class AttributeChooser:
         if self.max_contrasts > 0:
             missing = (freq >= CHARACTERISTIC) & (probs <= self.threshold)
             lacked_rows = _ranked(missing, -freq, self.max_contrasts, then=probs)
-            if (self.group < 0).all():  # no group shows anything instead
+            if not self.grouped:  # no group shows anything instead
                 contrasts = [[(a, None) for a in row] for row in lacked_rows]
             else:
                 self._instead(lacked_rows, present, probs, named, contrasts, taken)
@@ -257,7 +258,7 @@ def _join(phrases: list[str]) -> str:
 
 def grouped_phrases(names: list[str], groups: list[str | None]) -> list[str]:
     """Return reading phrases, one per group in first-seen order: "bill shape: dagger and needle", "a red body"."""
-    if len(groups) == len(names) and all(g is None for g in groups):
+    if len(groups) == len(names) and groups.count(None) == len(groups):
         return [_phrase(name) for name in names]
     order: list[str | None] = []
     members: dict[str | None, list[str]] = {}
@@ -300,7 +301,7 @@ def explanation_text(
     if attribute_names:
         phrases = grouped_phrases(attribute_names, groups or [None] * len(attribute_names))
         # "group: a and b" phrases would run together joined by "and": list them with semicolons
-        listed = "; ".join(phrases) if any(":" in ph for ph in phrases) else _join(phrases)
+        listed = "; ".join(phrases) if ":" in "".join(phrases) else _join(phrases)
         text += f": because it has {listed}"
     clauses = []
     for lacked, shown in contrasts or []:
