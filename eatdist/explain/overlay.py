@@ -105,12 +105,18 @@ def _opacities(alpha: float) -> np.ndarray:
 
 def _tint(base: Image.Image, full: np.ndarray, edge: np.ndarray, alpha: float) -> Image.Image:
     """Return ``base`` (RGB) with the upsampled map ``full`` (``[H, W]`` in [0, 1]) and its contour
-    ``edge`` drawn over it, on 8-bit planes in PIL's C code: the map's levels become colours and
-    opacities through 256-entry tables (a palette, a lookup), then ``Image.composite`` blends.
+    ``edge`` drawn over it; see :func:`_tint_levels`."""
+    return _tint_levels(base, (full * 255).astype(np.uint8), edge, alpha)
+
+
+def _tint_levels(base: Image.Image, level: np.ndarray, edge: np.ndarray, alpha: float) -> Image.Image:
+    """Return ``base`` (RGB) with a map's 8-bit ``level`` (``[H, W]``: ``floor(255 * map)``) and
+    its contour ``edge`` drawn over it, on 8-bit planes in PIL's C code: the levels become colours
+    and opacities through 256-entry tables (a palette, a lookup), then ``Image.composite`` blends.
+    ``level`` is changed (the contour's pixels).
 
     Level 0 has no opacity, so its colour never shows: the contour takes that palette entry
     (white) at full opacity, drawn by the same composite."""
-    level = (full * 255).astype(np.uint8)
     opacity = np.take(_opacities(alpha), level)  # no tint at level 0
     level[edge], opacity[edge] = 0, 255
     heat = Image.fromarray(level, mode="L")
@@ -158,20 +164,16 @@ def attribute_strip(
         small.thumbnail((tile, tile), Image.BILINEAR)
     (width, height), gap, count = small.size, 2, len(maps)
     full = upsample(maps, small.size)  # [K, H, W]
-    edge = _contour(full)
-    # The K tiles side by side, each followed by the gap (cut after the last), drawn in one pass:
-    # in the gaps the map is 0 (no tint) over white.
-    levels = np.zeros((height, count, width + gap), dtype=full.dtype)
-    levels[:, :, :width] = full.transpose(1, 0, 2)
-    edges = np.zeros((height, count, width + gap), dtype=bool)
-    edges[:, :, :width] = edge.transpose(1, 0, 2)
-    base = np.full((height, count, width + gap, 3), 255, dtype=np.uint8)
-    base[:, :, :width] = np.asarray(small)[:, None]
+    levels, edges = (full * 255).astype(np.uint8), _contour(full)
+    # The K tiles side by side, each followed by the gap (none after the last), drawn in one pass:
+    # in the gaps the level is 0 (no tint) over white.
     span = count * (width + gap) - gap
-    strip = _tint(
-        Image.fromarray(base.reshape(height, -1, 3)[:, :span]),
-        levels.reshape(height, -1)[:, :span],
-        edges.reshape(height, -1)[:, :span],
-        alpha,
-    )
-    return encode(strip, fmt)
+    level = np.zeros((height, span), dtype=np.uint8)
+    edge = np.zeros((height, span), dtype=bool)
+    base = np.full((height, span, 3), 255, dtype=np.uint8)
+    pixels = np.asarray(small)
+    for k, left in enumerate(range(0, span, width + gap)):
+        level[:, left : left + width] = levels[k]
+        edge[:, left : left + width] = edges[k]
+        base[:, left : left + width] = pixels
+    return encode(_tint_levels(Image.fromarray(base), level, edge, alpha), fmt)
