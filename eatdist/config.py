@@ -205,7 +205,8 @@ class ExplainConfig:
     # Batches waiting for the writer thread: bounds memory while the device runs ahead.
     queue_batches: int = 4
     # Processes that render and encode the outputs; null: as many as num_workers when pictures
-    # are drawn on the CPU, else none (json, text and maps cost less to encode than to ship).
+    # are drawn on the CPU, else none (json, text, maps and a copy of the input JPEG cost less to
+    # encode than to ship).
     # Without them a model on the CPU encodes in its own thread, on a GPU the writer thread does.
     encode_workers: int | None = None
     # Where overlays, attribute strips and image copies are drawn and JPEG-encoded: "auto" on the

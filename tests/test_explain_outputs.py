@@ -87,7 +87,10 @@ def test_encoding_processes_by_default_only_for_pictures_drawn_on_the_cpu(tmp_pa
     from eatdist.store import open_store
 
     _, meta = load_package(package, torch.device("cpu"))
+    copy = ["json", "image"]  # the input JPEG as it is: nothing drawn
     for cfg, processes in ((ExplainConfig(num_workers=2), None), (ExplainConfig(num_workers=2, outputs=EVERY_PART), 2),
+                           (ExplainConfig(num_workers=2, outputs=copy), None),
+                           (ExplainConfig(num_workers=2, outputs=["json", "image.png"]), 2),
                            (ExplainConfig(num_workers=2, encode_workers=1), 1)):  # fmt: skip
         writer = ShardWriterThread(meta, cfg, open_store(tmp_path))
         try:
@@ -129,8 +132,9 @@ def _picture(image, fmt, **kw):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_the_image_part_is_the_input_jpeg_itself_when_that_is_the_image_explained(tmp_path, package, workers):
+@pytest.mark.parametrize(("workers", "parts"), [(0, ["json", "image", "overlay"]), (1, ["json", "image", "overlay"]),
+                                              (1, ["json", "image"])])  # fmt: skip
+def test_the_image_part_is_the_input_jpeg_itself_when_that_is_the_image_explained(tmp_path, package, workers, parts):
     from eatdist.data.shards import AtomicShardWriter
 
     y, x = np.mgrid[0:40, 0:56]
@@ -147,7 +151,7 @@ def test_the_image_part_is_the_input_jpeg_itself_when_that_is_the_image_explaine
     with AtomicShardWriter(tmp_path / "in" / "mixed-000000.tar") as writer:
         for key, (ext, data) in inputs.items():
             writer.write({"__key__": key, ext: data, "json": b'{"class": 1}'})
-    cfg = ExplainConfig(batch_size=3, num_workers=workers, outputs=["json", "image", "overlay"])
+    cfg = ExplainConfig(batch_size=3, num_workers=workers, outputs=parts)
     run_explain(str(package), str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"), cfg)
     got = {s["__key__"]: s for s in samples(tmp_path / "out")}
     assert got["rgb_jpeg"]["image.jpg"] == inputs["rgb_jpeg"][1]  # the input's own bytes, not encoded again
@@ -156,7 +160,16 @@ def test_the_image_part_is_the_input_jpeg_itself_when_that_is_the_image_explaine
         assert (copy == data) == (key == "rgb_jpeg")  # the others are the decoded RGB image, encoded
         explained = np.asarray(decode_image({ext: data}), dtype=np.float32)
         assert np.abs(np.asarray(Image.open(io.BytesIO(copy)), dtype=np.float32) - explained).mean() < 3
-        assert Image.open(io.BytesIO(copy)).mode == "RGB" and got[key]["overlay.jpg"][:2] == b"\xff\xd8"
+        assert Image.open(io.BytesIO(copy)).mode == "RGB"
+        assert set(got[key]) == {"__key__", "json", "image.jpg"} | ({"overlay.jpg"} if "overlay" in parts else set())
+    if parts == ["json", "image"]:  # nothing drawn: the pixels of an input that is its own copy stay in the loader
+        from eatdist.explain.loader import ShardChunks
+
+        chunks = ShardChunks(lambda t: t.float(), 4, keep_originals=True, drawn=False)
+        chunks.select(str(tmp_path / "in" / "mixed-000000.tar"))
+        (chunk,) = list(chunks)
+        assert [a.size == 0 for a in chunk.images] == [True, False, False, False]
+        assert chunk.originals[0] == inputs["rgb_jpeg"][1]
 
 
 def test_an_explanation_sample_and_its_input_give_the_overlays_explain_writes(tiny_corpus, every_part):

@@ -77,6 +77,12 @@ class Outputs:
         return [p for p in self.parts if p.split(".", 1)[0] in IMAGE_PARTS]
 
     @property
+    def drawn(self) -> list[str]:
+        """The image parts drawn from the decoded image: all but a JPEG copy of the input (which
+        a JPEG input is as it is: see :attr:`copies_input`)."""
+        return [p for p in self.images if p != "image.jpg"]
+
+    @property
     def copies_input(self) -> bool:
         """Whether the image part is a JPEG, which an input JPEG can be as it is (no second encoding)."""
         return self.name("image") == "image.jpg"
@@ -129,12 +135,16 @@ def render_images(
     ``original``: the input's JPEG bytes when they decode to ``image`` (:func:`~eatdist.data.decode.input_jpeg`);
     a JPEG image part is then those bytes, not a second encoding of the decoded pixels.
     """
-    pil = Image.fromarray(image)
     parts: dict[str, bytes] = {}
+    pil: Image.Image | None = None  # not made for an image copied as it is (its pixels may be left out)
     for name in outputs.images:
         stem, fmt = name.split(".", 1)
+        if stem == "image" and original is not None and name == "image.jpg":
+            parts[name] = original
+            continue
+        pil = pil or Image.fromarray(image)
         if stem == "image":
-            parts[name] = original if original is not None and name == "image.jpg" else encode(pil, fmt)
+            parts[name] = encode(pil, fmt)
         elif stem == "overlay":
             parts[name] = overlay(pil, maps[0], outputs.alpha, fmt)
         else:

@@ -142,11 +142,15 @@ class ShardChunks(IterableDataset):
         keep_images: bool = True,
         jpegs_for: int = 0,
         keep_originals: bool = False,
+        drawn: bool = True,
     ) -> None:
         super().__init__()
         self.transform, self.batch_size = transform, batch_size
         self.keep_images = keep_images  # False: ``Chunk.images`` stays empty (nothing is drawn from it)
         self.keep_originals = keep_originals  # True: ``Chunk.originals`` holds the input JPEGs
+        # False: the images are kept only for the image copy, which a sample's input JPEG already
+        # is (``Chunk.originals``): such a sample's image is an empty placeholder, never shipped
+        self.drawn = drawn
         # > 0: JPEGs are passed on encoded (Chunk.jpegs) with a zero input of this size in their place
         self.jpegs_for = jpegs_for
         self._url = multiprocessing.Array("c", _URL_BYTES, lock=False)
@@ -199,7 +203,8 @@ class ShardChunks(IterableDataset):
             return torch.zeros(3, self.jpegs_for, self.jpegs_for)
         array = np.array(image, dtype=np.uint8)
         if self.keep_images:
-            chunk.images.append(array)
+            copied = not self.drawn and self.keep_originals and chunk.originals[-1] is not None
+            chunk.images.append(np.zeros((0, 0, 3), dtype=np.uint8) if copied else array)
         return self.transform(torch.from_numpy(array).permute(2, 0, 1))
 
     def __iter__(self) -> Iterator[Chunk]:

@@ -46,7 +46,8 @@ class ShardWork:
         outputs = Outputs.from_config(cfg)  # a bad explain.outputs fails before any work
         size = explainer.preprocess.image_size if cfg.decode_device == "model" else 0
         self.dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=bool(outputs.images),
-                                   jpegs_for=size, keep_originals=outputs.copies_input)  # fmt: skip
+                                   jpegs_for=size, keep_originals=outputs.copies_input,
+                                   drawn=bool(outputs.drawn))  # fmt: skip
         self.loader = make_loader(self.dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
         # Start the workers before any thread exists (forking a threaded process is unsafe).
         self.dataset.select("")

@@ -86,12 +86,12 @@ __all__ = ["REPORTS", "ClaimLost", "ShardReport", "ShardWriterThread", "Timings"
 
 def draws_on_device(cfg: ExplainConfig, device: torch.device) -> bool:
     """Whether the image parts of ``cfg.outputs`` are drawn on ``device`` (see ``explain.render_device``)."""
-    images = Outputs.from_config(cfg).images
+    outputs = Outputs.from_config(cfg)
     return (
         cfg.render_device == "auto"
         and device.type == "cuda"
-        and bool(images)
-        and all(p.endswith(".jpg") for p in images)
+        and bool(outputs.drawn)  # a JPEG input is its own copy: nothing to draw
+        and all(p.endswith(".jpg") for p in outputs.images)
     )
 
 
@@ -121,10 +121,11 @@ class ShardWriterThread:
 
     With ``explain.encode_workers`` above 0 the samples are encoded in that many processes, forked
     here: make the writer before the process starts other threads. Unset, it is ``num_workers``
-    when picture parts are drawn on the CPU, else 0: json, text and ``heatmaps.npy`` cost less to
-    encode than to ship to a process. Without processes, a model on the CPU has the samples encoded
-    by the thread that hands them over (a second thread would only contend for the same cores and
-    the interpreter lock); on a GPU, by this thread, while the device runs the next batch.
+    when picture parts are drawn on the CPU, else 0: json, text, ``heatmaps.npy`` and a copy of
+    the input JPEG cost less to encode than to ship to a process. Without processes, a model on
+    the CPU has the samples encoded by the thread that hands them over (a second thread would
+    only contend for the same cores and the interpreter lock); on a GPU, by this thread, while
+    the device runs the next batch.
     Shards and reports are published through ``store``.
     """
 
@@ -135,7 +136,7 @@ class ShardWriterThread:
         self.on_device = draws_on_device(cfg, self.device)
         workers = cfg.encode_workers
         if workers is None:
-            workers = cfg.num_workers if self.outputs.images and not self.on_device else 0
+            workers = cfg.num_workers if self.outputs.drawn and not self.on_device else 0
         if workers < 0:
             raise ConfigError(f"config key 'explain.encode_workers': must be at least 0, got {workers}")
         self.timings = Timings()
