@@ -162,6 +162,7 @@ def test_the_image_part_is_the_input_jpeg_itself_when_that_is_the_image_explaine
         assert np.abs(np.asarray(Image.open(io.BytesIO(copy)), dtype=np.float32) - explained).mean() < 3
         assert Image.open(io.BytesIO(copy)).mode == "RGB"
         assert set(got[key]) == {"__key__", "json", "image.jpg"} | ({"overlay.jpg"} if "overlay" in parts else set())
+        assert "overlay" not in parts or got[key]["overlay.jpg"][:2] == b"\xff\xd8"
     if parts == ["json", "image"]:  # nothing drawn: the pixels of an input that is its own copy stay in the loader
         from eatdist.explain.loader import ShardChunks
 
