@@ -139,7 +139,7 @@ def render_images(
     pil: Image.Image | None = None  # not made for an image copied as it is (its pixels may be left out)
     for name in outputs.images:
         stem, fmt = name.split(".", 1)
-        if stem == "image" and original is not None and name == "image.jpg":
+        if name == "image.jpg" and original is not None:
             parts[name] = original
             continue
         pil = pil or Image.fromarray(image)
