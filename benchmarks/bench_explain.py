@@ -174,7 +174,7 @@ def bench_case(backbone: str, size: int, images: int, source: int, args: argpars
     for workers in args.workers:
         base = dict(batch_size=args.batch, num_workers=workers, bf16=args.bf16, channels_last=args.channels_last,
                     render_device=args.render_device, decode_device=args.decode_device,
-                    encode_workers=args.encode_workers)  # fmt: skip
+                    encode_workers=args.encode_workers, group_images=args.group_images)  # fmt: skip
         configs = {"plain": ExplainConfig(**base)} | {
             row: ExplainConfig(**base, outputs=ROWS[row]) for row in args.rows
         }
@@ -292,6 +292,8 @@ def main() -> None:
     )
     parser.add_argument("--encode-workers", type=int, default=None,
                         help="explain.encode_workers (default: explain's own)")  # fmt: skip
+    parser.add_argument("--group-images", type=int, default=ExplainConfig.group_images,
+                        help="explain.group_images: images explained together (0: one batch at a time)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     parser.add_argument("--command", type=int, default=0, help="time whole commands on this many 64 px images")
     parser.add_argument("--plain", nargs=4, metavar=("PACKAGE", "CORPUS", "WORKERS", "BATCH"), help=argparse.SUPPRESS)

@@ -189,6 +189,11 @@ class ExplainConfig:
     min_attr_acc: float = 0.6
     min_attr_gain: float = 0.02
     batch_size: int = 64
+    # Images explained together: the outputs of consecutive forward batches (of one shard) have
+    # their attributes chosen, maps scaled and records encoded in one go, which pays the host's
+    # fixed cost per call once for them all; never fewer than one batch (Grad-CAM models: always
+    # one). Their feature maps wait on the device meanwhile.
+    group_images: int = 256
     # What each output sample holds (docs/explain-outputs.md gives the cost of each part): json
     # (required), txt, heatmaps.npy, and for people overlay, attr_maps and image (the format from
     # overlay_format, or named: overlay.png). The default suits bulk jobs; `eatdist report` and
@@ -202,7 +207,8 @@ class ExplainConfig:
     overlay_alpha: float = 0.6
     # DataLoader processes that read, decode and transform; 0 does it in the main process.
     num_workers: int = 2
-    # Batches waiting for the writer thread: bounds memory while the device runs ahead.
+    # Batches (groups of group_images) waiting for the writer thread: bounds memory while the
+    # device runs ahead.
     queue_batches: int = 4
     # Processes that render and encode the outputs; null: as many as num_workers when pictures
     # are drawn on the CPU, else none (json, text, maps and a copy of the input JPEG cost less to

@@ -93,14 +93,16 @@ def write_corpus(
     return info
 
 
-def untrained_package(corpus: DatasetInfo, folder: Path) -> Path:
-    """An untrained test_resnet package over ``corpus`` (32 px): explanation mechanics need no training."""
+def untrained_package(corpus: DatasetInfo, folder: Path, head_hidden: int = 0) -> Path:
+    """An untrained test_resnet package over ``corpus`` (32 px): explanation mechanics need no training.
+    ``head_hidden``: MLP heads of that width (maps by Grad-CAM) instead of linear ones."""
     from eatdist.models.package import PackageMeta, build_model, save_package
 
-    model = build_model("test_resnet", {"output_stride": 16}, corpus.num_classes, corpus.num_attributes)
+    model = build_model("test_resnet", {"output_stride": 16}, corpus.num_classes, corpus.num_attributes, head_hidden)
     meta = PackageMeta(
         backbone="test_resnet",
         backbone_args={"output_stride": 16},
+        head_hidden=head_hidden,
         classes=corpus.classes,
         attributes=corpus.attributes,
         attribute_groups=corpus.attribute_groups,

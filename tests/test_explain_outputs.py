@@ -81,6 +81,29 @@ def test_a_cpu_model_encodes_inline_the_bytes_the_writer_thread_would(tmp_path, 
     assert written[True] == written[False]
 
 
+def test_images_explained_in_groups_give_the_bytes_of_one_batch_at_a_time(tmp_path, package, monkeypatch):
+    from eatdist.explain.explainer import Explainer
+
+    calls = []
+    results = Explainer.results
+    monkeypatch.setattr(Explainer, "results", lambda self, *a: calls.append(len(a[1][0])) or results(self, *a))
+    corpus = write_corpus(tmp_path / "c", {"test": [30, 11]}, corrupt={"test_0000004": "image"})
+    mlp = untrained_package(corpus, tmp_path / "mlp", head_hidden=8)  # Grad-CAM: its own images per batch
+    for model, grouped in ((package, {12: [11, 14, 15], 256: [11, 29]}), (mlp, {256: [3, 6, 7, 8, 8, 8]})):
+        written = {}
+        for group in (0, *grouped):
+            calls.clear()
+            out = tmp_path / f"{model.parent.name}-{group}"
+            cfg = ExplainConfig(batch_size=8, num_workers=0, group_images=group, outputs=EVERY_PART)
+            summary = run_explain(str(model), str(corpus.root), str(out), cfg)
+            assert summary["explained"] == 40 and summary["undecodable"] == 1
+            assert sorted(calls) == grouped.get(group, [3, 6, 7, 8, 8, 8]), group  # images per call, any shard first
+            written[group] = [p.read_bytes() for p in sorted(out.glob("*.tar"))]
+        assert all(shards == written[0] for shards in written.values())
+    with pytest.raises(ConfigError, match=r"explain\.group_images': must be at least 0, got -1"):
+        run_explain(str(package), str(corpus.root), str(tmp_path / "bad"), ExplainConfig(group_images=-1))
+
+
 def test_encoding_processes_by_default_only_for_pictures_drawn_on_the_cpu(tmp_path, package):
     from eatdist.explain.writer import ShardWriterThread
     from eatdist.models.package import load_package

@@ -100,16 +100,22 @@ def gradcam_autograd(
 
 def explanation_maps(
     model: EATModel,
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     features: torch.Tensor,
     classes: torch.Tensor,
     attributes: torch.Tensor,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return class and attribute maps by the cheapest exact route for ``model``'s heads
-    (``weights``: see :func:`closed_form_maps`)."""
+    (``weights``: see :func:`closed_form_maps`); only Grad-CAM (MLP heads) reads ``images``.
+
+    Raises:
+        ValueError: when Grad-CAM is the route and ``images`` is None.
+    """
     if model.spatial:
         return spatial_head_maps(model, features, classes, attributes)
     if model.linear_heads:
         return closed_form_maps(model, features, classes, attributes, weights)
+    if images is None:
+        raise ValueError("Grad-CAM maps (MLP heads) need the model's input images")
     return gradcam_autograd(model, images, classes, attributes)

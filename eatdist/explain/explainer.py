@@ -16,7 +16,7 @@ from eatdist.errors import ConfigError
 from eatdist.explain.cam import explanation_maps, head_weights
 from eatdist.explain.records import BatchResult, Records
 from eatdist.explain.text import AttributeChooser, attribute_check, attribute_contributions, attribute_directions
-from eatdist.models.eat import EATModel
+from eatdist.models.eat import EATModel, EATOutput
 from eatdist.models.package import PackageMeta
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,36 @@ class Explainer:
         with self._autocast():
             return batch, self.model(batch)
 
-    def results(self, batch: torch.Tensor, out: Any) -> BatchResult:
+    @property
+    def groups(self) -> bool:
+        """Whether the outputs of several forwards can be explained together (:meth:`results_of`):
+        the maps come from the features alone (linear or spatial heads). Grad-CAM runs the model
+        again on a batch's images, so such a model explains each batch on its own."""
+        return self.model.spatial or self.model.linear_heads
+
+    def results_of(self, forwards: list[tuple[torch.Tensor | None, Any]]) -> BatchResult:
+        """Return :meth:`results` for the outputs of several :meth:`forward` calls at once, in order.
+
+        The host's work per call (choosing the attributes, scaling the maps, later encoding the
+        records) has a fixed cost that a forward pass makes larger (it leaves the caches cold), so
+        a group of small batches is explained in one call (see ``explain.group_images``).
+
+        Raises:
+            ValueError: for several forwards of a model whose maps need its images (:attr:`groups`).
+        """
+        if len(forwards) == 1:
+            return self.results(*forwards[0])
+        if not self.groups:
+            raise ValueError("Grad-CAM maps need each batch's images: explain its forwards one at a time")
+        outs = [out for _, out in forwards]
+        return self.results(None, EATOutput(*(torch.cat(parts) for parts in zip(*outs, strict=True))))
+
+    def results(self, batch: torch.Tensor | None, out: Any) -> BatchResult:
         """Named attributes and maps for the outputs of :meth:`forward`, moved to the host as arrays.
 
         Few device operations per batch (each costs more than its arithmetic on small batches);
         the attributes are chosen on the host for the whole batch, and the maps are scaled there.
+        ``batch`` (the model input) is needed only for Grad-CAM (not :attr:`groups`).
         """
         self._constants()
         features = out.features.float()
@@ -106,7 +131,7 @@ class Explainer:
         counts = np.array([len(row) for row in named], dtype=np.int64)
         indices = np.zeros((len(named), max(1, int(counts.max()))), dtype=np.int64)
         indices[np.arange(indices.shape[1]) < counts[:, None]] = [n.index for row in named for n in row]  # row by row
-        indices_d = torch.from_numpy(indices).to(batch.device)
+        indices_d = torch.from_numpy(indices).to(features.device)
         raw = explanation_maps(self.model, batch, features, classes, indices_d, self.head_weights)
         raw_h = raw.float().cpu().numpy()
         peaks = raw_h.reshape(*raw_h.shape[:2], -1).max(2)

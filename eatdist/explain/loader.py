@@ -124,6 +124,23 @@ class Chunk(SharesImages):
         return self
 
 
+def merge_chunks(chunks: list[Chunk]) -> Chunk:
+    """Return one chunk holding the samples of ``chunks`` (consecutive chunks of one shard), in
+    order: keys, truths, images, originals and renamed keys (what the writer reads), without the
+    model input."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return Chunk(
+        chunks[0].index,
+        keys=[k for c in chunks for k in c.keys],
+        truths=[t for c in chunks for t in c.truths],
+        images=[a for c in chunks for a in c.images],
+        renamed={k: v for c in chunks for k, v in c.renamed.items()},
+        originals=[o for c in chunks for o in c.originals],
+        read=chunks[-1].read,
+    )
+
+
 def _true_class(sample: dict[str, Any]) -> int | None:
     try:
         label = json.loads(sample["json"]).get("class")

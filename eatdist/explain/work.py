@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from eatdist.config import ExplainConfig
 from eatdist.data.remote import name_of
+from eatdist.errors import ConfigError
 from eatdist.explain.encode import Outputs
 from eatdist.explain.explainer import Explainer
-from eatdist.explain.loader import Chunk, ShardChunks, decode_chunk, make_loader, shutdown
+from eatdist.explain.loader import Chunk, ShardChunks, decode_chunk, make_loader, merge_chunks, shutdown
 from eatdist.explain.writer import REPORTS, ShardReport, ShardWriterThread, Timings
 from eatdist.store import Store
 
@@ -41,7 +43,12 @@ class ShardWork:
     """One process's means to explain whole shards; close it when done."""
 
     def __init__(self, explainer: Explainer, store: Store, cfg: ExplainConfig, rank: int = 0) -> None:
+        if cfg.group_images < 0:
+            raise ConfigError(f"config key 'explain.group_images': must be at least 0, got {cfg.group_images}")
         self.explainer, self.store, self.cfg, self.rank = explainer, store, cfg, rank
+        # Forwards of the shard not explained yet: explained together once they hold group_images.
+        self.group = cfg.group_images if explainer.groups else 0
+        self._held: list[tuple[Chunk, torch.Tensor | None, Any]] = []
         # The decoded images travel to this process only when image parts are drawn from them.
         outputs = Outputs.from_config(cfg)  # a bad explain.outputs fails before any work
         size = explainer.preprocess.image_size if cfg.decode_device == "model" else 0
@@ -78,6 +85,7 @@ class ShardWork:
         report = ShardReport(input=url, output=self.store.url(name), rank=self.rank, owner=owner)
         self.store.clean_partial(name)  # left by a process that died on it
         self.dataset.select(url)
+        self._held = []  # nothing of a shard that failed before
         opened = False
         for chunk in self.loader:
             if chunk.error is not None and chunk.read == 0:
@@ -101,6 +109,7 @@ class ShardWork:
                 break
         if not opened:  # an empty shard still gets its (empty) output
             self.writer.open(report, name)
+        self._explain_held()
         self.writer.close_shard(still_held, done)
         return None
 
@@ -119,11 +128,22 @@ class ShardWork:
             batch, out = explainer.forward(pixels)
             if explainer.on_gpu:
                 torch.cuda.synchronize(explainer.device)
-            forwarded = time.perf_counter()
-            result = explainer.results(batch, out)
-        self.timings.forward += forwarded - started
-        self.timings.maps += time.perf_counter() - forwarded
-        self.writer.write(chunk, result)
+        self.timings.forward += time.perf_counter() - started
+        chunk.pixels = None  # held, a group keeps only what its outputs are made of
+        self._held.append((chunk, None if explainer.groups else batch, out))
+        if sum(len(c.keys) for c, _, _ in self._held) >= self.group:
+            self._explain_held()
+
+    def _explain_held(self) -> None:
+        """Explain the forwards held (:meth:`Explainer.results_of`) and hand them to the writer as one batch."""
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        started = time.perf_counter()
+        with self.explainer.inference():
+            result = self.explainer.results_of([(batch, out) for _, batch, out in held])
+        self.timings.maps += time.perf_counter() - started
+        self.writer.write(merge_chunks([chunk for chunk, _, _ in held]), result)
 
     def drain(self) -> None:
         """Wait until every queued shard is written and published; re-raise the writer's error."""
