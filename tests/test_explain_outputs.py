@@ -400,6 +400,11 @@ def test_member_headers_equal_tarfiles_for_every_name_and_size():
             info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "eatdist", "eatdist"
             expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
             assert headers.header(name, size) == expected, (name, size)
+        # made together for a batch of members (the regular ones as one array), each as it is alone
+        sizes = [0, 1, 511, 512, 70_000, 8**11 - 1, 8**11]
+        assert headers.headers([name] * len(sizes), sizes) == [headers.header(name, n) for n in sizes]
+    assert headers.headers(names, [3] * len(names)) == [headers.header(n, 3) for n in names]
+    assert headers.headers([], []) == []
 
 
 def test_npy_bytes_equal_np_save_for_every_layout():
