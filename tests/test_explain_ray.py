@@ -89,7 +89,9 @@ def test_every_key_once_in_the_bucket_after_a_lost_worker_node(cluster_run):
     result, corpus, work = cluster_run
     rerun = result["rerun"]
     # the node held one of the job's actors and went while the job ran
-    assert rerun["actor_on_lost_node"] and rerun["running_when_killed"] and rerun["killed_processes"] >= 1
+    seen = {k: rerun[k] for k in ("actor_on_lost_node", "running_when_killed", "killed_processes", "actor_appeared_s")}
+    seen |= {"rerun_s": rerun["seconds"], "done_before_rerun": len(result["first"]["done_at_kill"])}  # why, if not
+    assert rerun["actor_on_lost_node"] and rerun["running_when_killed"] and rerun["killed_processes"] >= 1, seen
     assert rerun["rc"] == 0, rerun["stderr"]
     assert result["status"]["rc"] == 0 and f"done {SHARDS}, claimed 0" in result["status"]["stdout"]
     copy = work / "copy"
