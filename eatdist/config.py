@@ -191,8 +191,9 @@ class ExplainConfig:
     batch_size: int = 64
     # Images explained together: the outputs of consecutive forward batches (of one shard) have
     # their attributes chosen, maps scaled and records encoded in one go, which pays the host's
-    # fixed cost per call once for them all; never fewer than one batch (Grad-CAM models: always
-    # one). Their feature maps wait on the device meanwhile.
+    # fixed cost per call once for them all; never fewer than one batch. One batch at a time
+    # where pictures are drawn (overlay, attr_maps, a re-encoded image) and for Grad-CAM models.
+    # Their feature maps wait on the device meanwhile.
     group_images: int = 256
     # What each output sample holds (docs/explain-outputs.md gives the cost of each part): json
     # (required), txt, heatmaps.npy, and for people overlay, attr_maps and image (the format from

@@ -89,12 +89,15 @@ def test_images_explained_in_groups_give_the_bytes_of_one_batch_at_a_time(tmp_pa
     monkeypatch.setattr(Explainer, "results", lambda self, *a: calls.append(len(a[1][0])) or results(self, *a))
     corpus = write_corpus(tmp_path / "c", {"test": [30, 11]}, corrupt={"test_0000004": "image"})
     mlp = untrained_package(corpus, tmp_path / "mlp", head_hidden=8)  # Grad-CAM: its own images per batch
-    for model, grouped in ((package, {12: [11, 14, 15], 256: [11, 29]}), (mlp, {256: [3, 6, 7, 8, 8, 8]})):
+    copy = ["json", "txt", "heatmaps.npy", "image"]  # the input JPEGs as they are: nothing drawn
+    by_batch = {256: [3, 6, 7, 8, 8, 8]}  # pictures drawn, or Grad-CAM: one batch at a time
+    for model, parts, grouped in ((package, copy, {12: [11, 14, 15], 256: [11, 29]}), (package, EVERY_PART, by_batch),
+                                  (mlp, copy, by_batch)):  # fmt: skip
         written = {}
         for group in (0, *grouped):
             calls.clear()
-            out = tmp_path / f"{model.parent.name}-{group}"
-            cfg = ExplainConfig(batch_size=8, num_workers=0, group_images=group, outputs=EVERY_PART)
+            out = tmp_path / f"{model.parent.name}-{len(parts)}-{group}"
+            cfg = ExplainConfig(batch_size=8, num_workers=0, group_images=group, outputs=parts)
             summary = run_explain(str(model), str(corpus.root), str(out), cfg)
             assert summary["explained"] == 40 and summary["undecodable"] == 1
             assert sorted(calls) == grouped.get(group, [3, 6, 7, 8, 8, 8]), group  # images per call, any shard first

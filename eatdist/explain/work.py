@@ -46,11 +46,13 @@ class ShardWork:
         if cfg.group_images < 0:
             raise ConfigError(f"config key 'explain.group_images': must be at least 0, got {cfg.group_images}")
         self.explainer, self.store, self.cfg, self.rank = explainer, store, cfg, rank
-        # Forwards of the shard not explained yet: explained together once they hold group_images.
-        self.group = cfg.group_images if explainer.groups else 0
-        self._held: list[tuple[Chunk, torch.Tensor | None, Any]] = []
         # The decoded images travel to this process only when image parts are drawn from them.
         outputs = Outputs.from_config(cfg)  # a bad explain.outputs fails before any work
+        # Forwards of the shard not explained yet: explained together once they hold group_images;
+        # not where pictures are drawn (their encoding dwarfs the cost per call, and a group would
+        # hold its decoded images and leave the encoding processes one task at a time).
+        self.group = cfg.group_images if explainer.groups and not outputs.drawn else 0
+        self._held: list[tuple[Chunk, torch.Tensor | None, Any]] = []
         size = explainer.preprocess.image_size if cfg.decode_device == "model" else 0
         self.dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=bool(outputs.images),
                                    jpegs_for=size, keep_originals=outputs.copies_input,
