@@ -284,24 +284,25 @@ class Records:
             self._check = (dict(result.check), json.dumps(result.check))
         tail = f', "attribute_check": {self._check[1]}, "text": '
         names, items, lacking, classes, model_id = self._names, self._top, self._lacks, self._classes, self._model_id
-        rows, probs4, peaks = result.rounded("numbers"), result.json_rows("probs4"), result.json_rows("peaks")
+        # each number as json writes it: the batch's rows written by json at once, split per image
+        rows, probs4, peaks = result.json_rows("numbers"), result.json_rows("probs4"), result.json_rows("peaks")
         zeros, named, contrasts = result.peak_rows()[1], result.named, result.contrasts
         at = 1 + result.attr_probs.shape[1]  # where a row's contributions start, after its probabilities
         encoded = []
         for b, text in texts.items():
-            c, row = result.classes[b], rows[b]
+            c, row = result.classes[b], rows[b].split(", ")
             top = ", ".join(
                 [
-                    f'{items[n.index]}{row[1 + n.index]!r}, "contribution": {row[at + n.index]!r}, "role": "{n.role}"'
+                    f'{items[n.index]}{row[1 + n.index]}, "contribution": {row[at + n.index]}, "role": "{n.role}"'
                     + (f', "instead_of": {names[n.instead_of]}}}' if n.instead_of is not None else "}")
                     for n in named[b]
                 ]
             )
-            lacks = ", ".join([f'{lacking[a]}{row[1 + a]!r}, "shows_instead": {names[s] if s is not None else "null"}}}'
+            lacks = ", ".join([f'{lacking[a]}{row[1 + a]}, "shows_instead": {names[s] if s is not None else "null"}}}'
                                for a, s in contrasts[b]])  # fmt: skip
             more = "".join([f", {_string(k)}: {_json_value(v)}" for k, v in extras[b].items()])
             encoded.append("".join((
-                f'{{"class": {c}, "class_name": {classes[c]}, "confidence": {row[0]!r}',
+                f'{{"class": {c}, "class_name": {classes[c]}, "confidence": {row[0]}',
                 f', "top_attributes": [{top}], "lacks": [{lacks}], "attribute_probabilities": [{probs4[b]}]',
                 f', "map_peaks": [{peaks[b]}], "zero_maps": {zeros[b]}{tail}{_string(text)}, "model_id": {model_id}',
                 more, "}",
