@@ -198,9 +198,6 @@ class MemberHeaders:
         template = bytes(block)
         self.base = sum(block) - sum(block[124:136])  # without the size field
         self._block = np.frombuffer(template, dtype=np.uint8)
-        # the pieces around the name, size and checksum, the name's padding for every name length
-        self._pads = [template[n:124] for n in range(101)]
-        self._mode_to_mtime, self._after_checksum = template[136:148], template[155:]
 
     @staticmethod
     def _tarfile(name: str, size: int) -> bytes:
@@ -210,22 +207,17 @@ class MemberHeaders:
 
     def header(self, name: str, size: int) -> bytes:
         """Return the header block(s) of the member ``name`` holding ``size`` bytes."""
-        raw = name.encode("utf-8", "surrogateescape")
-        if len(raw) > 100 or size >= 8**11 or not raw.isascii():
-            return self._tarfile(name, size)
-        size_field = b"%011o\0" % size
-        checksum = b"%06o\0" % (self.base + sum(raw) + sum(size_field))
-        return b"".join((raw, self._pads[len(raw)], size_field, self._mode_to_mtime, checksum, self._after_checksum))
+        return self.headers([name], [size])[0]
 
     def headers(self, names: list[str], sizes: list[int]) -> list[bytes]:
-        """Return :meth:`header` of every member, the regular ones made together as one array."""
+        """Return the header block(s) of every member, the regular ones made together as one array."""
         raw = [name.encode("utf-8", "surrogateescape") for name in names]
         count = len(raw)
         if not count:
             return []
         lengths, size = np.array([len(r) for r in raw]), np.array(sizes, dtype=np.int64)
         blocks = np.tile(self._block, (count, 1))
-        blocks[:, :100] = np.array(raw, dtype="S100").view(np.uint8).reshape(count, -1)[:, :100]
+        blocks[:, :100] = np.array(raw, dtype="S100").view(np.uint8).reshape(count, 100)  # zero-padded
         blocks[:, 124:135] = (size[:, None] >> _OCTAL[-11:]) % 8 + 48  # "%011o\0": the NUL is there
         checksum = self.base + blocks[:, :100].sum(1, dtype=np.int64) + blocks[:, 124:135].sum(1, dtype=np.int64)
         blocks[:, 148:154] = (checksum[:, None] >> _OCTAL[-6:]) % 8 + 48  # "%06o\0 "
