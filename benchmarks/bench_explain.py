@@ -56,6 +56,7 @@ from eatdist.data.synth import (
 from eatdist.explain.explainer import Explainer
 from eatdist.explain.job import ExplainJob, resolve_inputs
 from eatdist.explain.loader import ShardChunks, decode_chunk, make_loader, shutdown
+from eatdist.hostmem import ENV, keep_freed_memory, limit_mb
 from eatdist.models.package import PackageMeta, build_model, load_package, save_package
 
 SHARD = SynthConfig().shard_size  # samples per input shard, as the synthetic corpus writes them
@@ -298,6 +299,8 @@ def main() -> None:
     parser.add_argument("--command", type=int, default=0, help="time whole commands on this many 64 px images")
     parser.add_argument("--plain", nargs=4, metavar=("PACKAGE", "CORPUS", "WORKERS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # As the eatdist command does (eatdist.hostmem), for plain inference and explanation alike.
+    kept = keep_freed_memory()
     if args.plain:
         plain_command(args.plain[0], args.plain[1], int(args.plain[2]), int(args.plain[3]))
         return
@@ -308,7 +311,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the commands of --command too
     torch.manual_seed(0)
-    print(f"device {dist.device()}, torch threads {torch.get_num_threads()}, batch {args.batch}, rounds {args.rounds}")
+    print(f"device {dist.device()}, torch threads {torch.get_num_threads()}, batch {args.batch}, rounds {args.rounds}, "
+          f"freed host memory kept: {f'{limit_mb()} MB' if kept else 'no'} ({ENV})")  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="bench_explain-"))
     try:
         if args.command:

@@ -39,6 +39,7 @@ from eatdist.config import Config, SynthConfig
 from eatdist.data.corpus import load_dataset_info
 from eatdist.data.pipeline import ShardStream, make_loader
 from eatdist.data.synth import generate
+from eatdist.hostmem import ENV, keep_freed_memory, limit_mb
 from eatdist.models.eat import eat_loss
 from eatdist.models.package import backbone_preprocess, build_model
 from eatdist.train.trainer import Trainer
@@ -168,10 +169,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    kept = keep_freed_memory()  # as the eatdist command does (eatdist.hostmem), for both loops alike
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     sizes = {64: (64, "test_resnet"), 224: (224, "resnet18"), 448: (224, "resnet18")}
     corpora = {src: make_corpus(tmp / f"c{src}", src, args.batch * args.steps) for src in sizes}
-    print(f"{args.workers} loader worker(s), batch {args.batch}, {args.steps} steps, {args.rounds} rounds, CPU\n")
+    print(f"{args.workers} loader worker(s), batch {args.batch}, {args.steps} steps, {args.rounds} rounds, CPU, "
+          f"freed host memory kept: {f'{limit_mb()} MB' if kept else 'no'} ({ENV})\n")  # fmt: skip
     print("loader alone (batches of the training split)")
     cols = f"{'CPU ms/img':>10} | {'eatdist img/s':>13} {'CPU ms/img':>10} | {'speed':>6} {'CPU':>6}"
     print(f"{'source':>7} {'input':>6} | {'wds img/s':>10} {cols}")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from eatdist import dist
 from eatdist.cli.errors import EXIT_CODES, EXIT_INTERRUPTED, describe, print_error
 from eatdist.errors import EatdistError
+from eatdist.hostmem import keep_freed_memory
 from eatdist.store import require_local
 
 if TYPE_CHECKING:
@@ -405,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    keep_freed_memory()  # before any loader worker is forked: they inherit it
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -75,8 +75,10 @@ class ShardActor:
         import torch
 
         from eatdist.explain.explainer import Explainer
+        from eatdist.hostmem import keep_freed_memory
         from eatdist.models.package import load_package
 
+        keep_freed_memory()  # as the eatdist command does; Ray starts this process, not eatdist's CLI
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         folder = Path(tempfile.mkdtemp(prefix="eatdist-package-"))
         try:
