@@ -137,3 +137,15 @@ def test_batch_rounding_shortcuts_give_what_python_gives_value_by_value():
     assert unit_json_rows(probs, 4) == [", ".join(json.dumps(round(p, 4)) for p in row) for row in probs.tolist()]
     for outside in (np.array([[-0.0, 0.5]]), np.array([[1.5, 0.5]]), np.array([[0.1, 0.5]]), np.array([[math.nan]])):
         assert unit_json_rows(outside, 4) is None  # -0.0, above 1, not float32, NaN: json writes those
+
+
+def test_cells_a_record_names_are_written_as_json_writes_the_whole_rounded_row():
+    m = meta()
+    for result in (batch(m, 5), batch(m, 6, dtype=torch.float64)):
+        rows = result.rounded("numbers")
+        width = len(rows[0])
+        columns = {b: [(b * 7 + j * 3) % width for j in range(b % 4)] for b in (3, 0, 5, 1)}  # any order, any count
+        columns[2] = [0, 0, width - 1]  # a column twice
+        expected = [[json.dumps(rows[b][c]) for c in cols] for b, cols in columns.items()]
+        assert result.json_cells(columns) == expected
+    assert result.json_cells({0: [], 1: []}) == [[], []]

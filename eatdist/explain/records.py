@@ -11,6 +11,7 @@ byte what ``json.dumps`` gives for :meth:`Records.record`.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,21 @@ class BatchResult:
             self._json[name] = rows
         return rows
 
+    def json_cells(self, columns: dict[int, list[int]]) -> list[list[str]]:
+        """Return, for each image ``b`` of ``columns`` (in its order), json's text of the values at
+        ``columns[b]`` of its row of :meth:`rounded` ``("numbers")``: only those values are rounded
+        and written, for the batch at once (a record names a few of an image's numbers; writing
+        every one costs more)."""
+        counts = [len(row) for row in columns.values()]
+        total = sum(counts)
+        if not total:
+            return [[] for _ in counts]
+        images = np.repeat(np.fromiter(columns, np.int64, len(columns)), counts)
+        values = self.numbers()[images, np.fromiter(itertools.chain.from_iterable(columns.values()), np.int64, total)]
+        texts = json.dumps(round_rows(values[None, :], 5)[0])[1:-1].split(", ")
+        ends = itertools.accumulate(counts)
+        return [texts[end - n : end] for n, end in zip(counts, ends, strict=True)]
+
     def peaks_of(self, b: int) -> list[float]:
         """Return the peaks of image ``b``'s maps to 5 significant digits (tiny peaks stay above 0)."""
         return self.peak_rows()[0][b]
@@ -284,22 +300,28 @@ class Records:
             self._check = (dict(result.check), json.dumps(result.check))
         tail = f', "attribute_check": {self._check[1]}, "text": '
         names, items, lacking, classes, model_id = self._names, self._top, self._lacks, self._classes, self._model_id
-        # each number as json writes it: the batch's rows written by json at once, split per image
-        rows, probs4, peaks = result.json_rows("numbers"), result.json_rows("probs4"), result.json_rows("peaks")
+        probs4, peaks = result.json_rows("probs4"), result.json_rows("peaks")
         zeros, named, contrasts = result.peak_rows()[1], result.named, result.contrasts
         at = 1 + result.attr_probs.shape[1]  # where a row's contributions start, after its probabilities
+        # the numbers each record names, as json writes them: its confidence, each named
+        # attribute's probability and contribution, each lacked one's probability
+        wanted = {}
+        for b in texts:
+            pairs = [i for n in named[b] for i in (1 + n.index, at + n.index)]
+            wanted[b] = [0, *pairs, *(1 + a for a, _ in contrasts[b])]
+        cells = result.json_cells(wanted)
         encoded = []
-        for b, text in texts.items():
-            c, row = result.classes[b], rows[b].split(", ")
+        for (b, text), row in zip(texts.items(), cells, strict=True):
+            c, pairs, lacked = result.classes[b], iter(row[1:]), row[1 + 2 * len(named[b]) :]
             top = ", ".join(
                 [
-                    f'{items[n.index]}{row[1 + n.index]}, "contribution": {row[at + n.index]}, "role": "{n.role}"'
+                    f'{items[n.index]}{next(pairs)}, "contribution": {next(pairs)}, "role": "{n.role}"'
                     + (f', "instead_of": {names[n.instead_of]}}}' if n.instead_of is not None else "}")
                     for n in named[b]
                 ]
             )
-            lacks = ", ".join([f'{lacking[a]}{row[1 + a]}, "shows_instead": {names[s] if s is not None else "null"}}}'
-                               for a, s in contrasts[b]])  # fmt: skip
+            lacks = ", ".join([f'{lacking[a]}{p}, "shows_instead": {names[s] if s is not None else "null"}}}'
+                               for (a, s), p in zip(contrasts[b], lacked, strict=True)])  # fmt: skip
             more = "".join([f", {_string(k)}: {_json_value(v)}" for k, v in extras[b].items()])
             encoded.append("".join((
                 f'{{"class": {c}, "class_name": {classes[c]}, "confidence": {row[0]}',
