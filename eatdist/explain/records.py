@@ -307,8 +307,8 @@ class Records:
         # attribute's probability and contribution, each lacked one's probability
         wanted = {}
         for b in texts:
-            pairs = [i for n in named[b] for i in (1 + n.index, at + n.index)]
-            wanted[b] = [0, *pairs, *(1 + a for a, _ in contrasts[b])]
+            shown = [i for n in named[b] for i in (1 + n.index, at + n.index)]
+            wanted[b] = [0, *shown, *(1 + a for a, _ in contrasts[b])]
         cells = result.json_cells(wanted)
         encoded = []
         for (b, text), row in zip(texts.items(), cells, strict=True):
