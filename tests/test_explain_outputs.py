@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 import eatdist
@@ -316,6 +317,12 @@ def test_tar_members_from_encoding_processes_equal_the_shard_writers_layout(tmp_
         writer.write_members(*tar_members([dict(s) for s in parts[2:]], "b.tar"))
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     assert (tmp_path / "a.tar.idx.json").read_bytes() == (tmp_path / "b.tar.idx.json").read_bytes()
+    # and both are what WebDataset's own writer makes of the same samples
+    with open(tmp_path / "c.tar", "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="eatdist",
+                                                            group="eatdist") as tar:  # fmt: skip
+        for sample in parts:
+            tar.write(dict(sample))
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "c.tar").read_bytes()
     with pytest.raises(DataError, match="contains a dot"):
         tar_members([{"__key__": "a.b", "json": b"{}"}], "b.tar")
 
