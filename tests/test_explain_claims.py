@@ -14,13 +14,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, cpu_env, untrained_package, write_corpus
 from eatdist.config import ExplainConfig
 from eatdist.data.shards import iter_shard
 from eatdist.errors import DataError
 from eatdist.explain.claims import ClaimBoard, Owner
-from eatdist.explain.job import job_status, run_explain
+from eatdist.explain.explainer import Explainer
+from eatdist.explain.job import ExplainJob, job_status, resolve_inputs, run_explain
+from eatdist.explain.work import output_name
+from eatdist.models.package import load_package
+from eatdist.store.local import LocalStore
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +159,51 @@ def test_status_reports_done_claimed_remaining_and_exit_codes(tmp_path, package,
     status = [sys.executable, "-m", "eatdist", "explain", "--status", str(out)]
     partial = subprocess.run(status, env=cpu_env(), cwd=REPO, capture_output=True, text=True)
     assert partial.returncode == 1 and "not complete" in partial.stdout and "Traceback" not in partial.stderr
+
+
+class CountedListings(LocalStore):
+    """A folder store that counts its listings by folder (each one or more LIST requests in a bucket)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.listings = Counter()
+
+    def list(self, prefix=""):
+        self.listings[prefix] += 1
+        return super().list(prefix)
+
+    def list_times(self, prefix=""):
+        self.listings[prefix] += 1
+        return super().list_times(prefix)
+
+
+def explain_into(store, corpus, package, cfg):
+    model, meta = load_package(package, torch.device("cpu"))
+    inputs = resolve_inputs(str(corpus.root))
+    job = ExplainJob(Explainer(model, meta, cfg, torch.device("cpu")), inputs, store, cfg)
+    try:
+        job.run()
+    finally:
+        job.close()
+    assert all((store.path / output_name(url)).is_file() for url in inputs)
+
+
+def test_a_process_lists_the_output_as_often_for_many_shards_as_for_few(tmp_path, package):
+    # a listing of the output is as long as the shards done: one per claim made a job of many
+    # shards in a bucket cost a number of LISTs growing with the square of its shard count
+    cfg = ExplainConfig(batch_size=4, num_workers=0, lease_s=2.0)
+    listings = {}
+    for shards in (3, 15):
+        store = CountedListings(tmp_path / f"out{shards}")
+        explain_into(store, write_corpus(tmp_path / f"c{shards}", {"test": [1] * shards}), package, cfg)
+        listings[shards] = store.listings
+    assert listings[15] == listings[3], listings
+    # waiting on another machine's claim until it is stale (lease 2 s, a look every 0.2 s): the
+    # claims are listed again and again, the whole output only when they change
+    store = CountedListings(tmp_path / "out-wait")
+    foreign_claim(ClaimBoard(store, 2.0), "test-000000.tar", age_s=0.5)
+    explain_into(store, write_corpus(tmp_path / "c-wait", {"test": [1, 1]}), package, cfg)
+    assert store.listings["_claims"] >= 5 and store.listings[""] <= 2 * listings[3][""], store.listings
 
 
 def test_claims_left_on_published_shards_are_swept_once_stale(tmp_path, package):

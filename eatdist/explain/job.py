@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 SUMMARY = "explain_summary.json"
 JOB_FILE = "_job.json"
 ENGINES = ("claims", "ray")
+# Inputs found taken in a row, since the last view, before the next claim lists the output again
+# (past that point the others have most likely explained what is left of the view).
+MISSES = 8
+BAR_REFRESH_S = 30.0  # how often a process that shows the bar lists the output for the others' progress
 
 
 def resolve_inputs(pattern: str | list[str]) -> list[str]:
@@ -246,13 +250,26 @@ class ExplainJob:
         self.bar = tqdm(total=sum(self.counts.values()) if known else None, desc="explain", unit="img",
                         dynamic_ncols=True, **({} if self.rank == 0 else {"disable": True}))  # fmt: skip
         self.job_wide = known
+        # Inputs free at the last view and not tried since, the next one last; the failed ones of
+        # that view this process retries; when it was taken (time.monotonic).
+        self._free: list[str] = []
+        self._retry: set[str] = set()
+        self._viewed = 0.0
 
     def run(self) -> None:
-        """Claim and explain shards until every input has its output or failed in this run."""
+        """Claim and explain shards until every input has its output or failed in this run.
+
+        The output is listed (:func:`view_job`) for the first claim, and again only once the inputs
+        free at the last listing are used up or found taken ``MISSES`` times in a row (the others
+        took them), or every ``BAR_REFRESH_S`` where the progress bar shows: each claim in between
+        costs a conditional create and existence checks, not a listing of every shard done. While
+        others hold the last claims, only the claims are listed (:meth:`_await_claims`).
+        """
         waiting = False
         while True:
-            view = self._view()
-            got = self._claim(view)
+            got = self._claim_next()
+            if got is None:
+                got = self._claim(self._view())
             if got is not None:
                 waiting = False
                 self._explain(*got)
@@ -265,7 +282,26 @@ class ExplainJob:
                 owners = sorted({s.label for _, s in view.claimed})
                 log.info("waiting for %d shard(s) claimed by %s", len(view.claimed), ", ".join(owners))
             waiting = True
-            time.sleep(min(5.0, max(0.05, self.cfg.lease_s / 10)))
+            self._await_claims(view)
+
+    def _await_claims(self, view: JobView) -> None:
+        """Sleep while others hold claims that are not stale, polling ``_claims/`` alone
+        (:meth:`ClaimBoard.scan`): a claim released means its shard is published or failed, nothing
+        left to do here, so the whole output is listed again only once a claim turns stale (to
+        take it over), none is left (the job is over) or the progress bar is due."""
+        every = min(5.0, max(0.05, self.cfg.lease_s / 10))
+        if view.remaining:  # others took them between the view and the claim: look again
+            time.sleep(every)
+            return
+        while not self._bar_due():
+            time.sleep(every)
+            claims, now = self.board.scan(), self.board.now()
+            if not claims or any(self.board.is_stale(state, now) for state in claims.values()):
+                return
+
+    def _bar_due(self) -> bool:
+        """Whether the progress bar shows and is due the others' progress (a listing of the output)."""
+        return not self.bar.disable and time.monotonic() - self._viewed > BAR_REFRESH_S
 
     def _sweep(self, leftover: list[ClaimState]) -> bool:
         """Delete stale claims on published shards (their owner died before releasing); True while live ones remain."""
@@ -279,9 +315,11 @@ class ExplainJob:
 
     def _view(self) -> JobView:
         view = view_job(self.store, self.inputs, self.board)
+        self._viewed = time.monotonic()
         # A shard that could not be read is retried by processes started after it failed (reruns).
         retry = [url for url, _, when in view.failed if when < self.started]
         view.remaining += retry
+        self._retry = set(retry)
         if self.job_wide:
             done = sum(self.counts[p] for p in view.done)
             self.bar.n = done + sum(list(self.reading.values()))
@@ -293,23 +331,45 @@ class ExplainJob:
         claimable = {url: None for url in view.remaining} | {
             url: s for url, s in view.claimed if s.owner.get("token") != self.board.owner.token
         }
-        for url in self.order:
-            if url not in claimable:
-                continue
+        order = [url for url in self.order if url in claimable]
+        for i, url in enumerate(order):
             seen: ClaimState | None = claimable[url]
             if seen is not None and not self.board.is_stale(seen, now):
                 continue
             claim = self.board.try_claim(output_name(url), seen, url)
-            if claim is None:
-                continue
-            if self.store.exists(output_name(url)):  # published since the scan
-                claim.release()
+            if claim is None or not self._still_to_do(url, claim):
                 continue
             if seen is not None:
                 log.warning("took over %s from %s (no heartbeat for %.0f s)", output_name(url), seen.label,
                             self.board.age(seen, now))  # fmt: skip
+            self._free = [u for u in reversed(order[i + 1 :]) if claimable[u] is None]
             return url, claim
+        self._free = []
         return None
+
+    def _claim_next(self) -> tuple[str, Claim] | None:
+        """Claim the next input that was free at the last view, without listing the output; None
+        when it is time for a view (see :meth:`run`)."""
+        if self._bar_due():
+            return None
+        misses = 0
+        while self._free and misses < MISSES:
+            url = self._free.pop()
+            claim = self.board.try_claim(output_name(url), None, url)
+            if claim is not None and self._still_to_do(url, claim):
+                return url, claim
+            misses += 1
+        return None
+
+    def _still_to_do(self, url: str, claim: Claim) -> bool:
+        """Whether the input just claimed still needs this process (else the claim is released):
+        not published since the view, nor failed since (failures before this process started
+        are retried, later ones are not)."""
+        name = output_name(url)
+        if self.store.exists(name) or (url not in self._retry and self.store.exists(f"{REPORTS}/{name}{FAILED}")):
+            claim.release()
+            return False
+        return True
 
     def _explain(self, url: str, claim: Claim) -> None:
         name = output_name(url)
