@@ -389,6 +389,7 @@ class ExplainJob:
                 still_held=claim.held,
                 lost=lambda: claim.lost,
                 progress=progress,
+                clean=claim.generation > 0,  # taken over: its owner may have died mid-write
             )
             if reason is not None:
                 self._failed(url, claim, reason)

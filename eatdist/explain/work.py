@@ -74,18 +74,23 @@ class ShardWork:
         still_held: Callable[[], bool] = lambda: True,
         lost: Callable[[], bool] = lambda: False,
         progress: Callable[[int], None] = lambda read: None,
+        clean: bool = True,
     ) -> str | None:
         """Explain input shard ``url`` and queue its publishing; return None, or why it could not be read.
 
         The writer thread publishes the output shard if ``still_held()`` when it is complete, then
         calls ``done(report)`` (``done(None)`` when dropped); reading stops early once ``lost()``.
-        ``progress(n)`` hears the samples read so far. A shard that cannot be opened at all writes
-        nothing and returns the reason; one that ends early keeps what it read (``report.truncated``).
+        ``progress(n)`` hears the samples read so far; ``clean`` first removes what a writer killed
+        mid-way on this shard left in the store (a folder's listing: the claims engine asks only
+        when it takes a shard over, as only a claimed shard can have such a writer). A shard that
+        cannot be opened at all writes nothing and returns the reason; one that ends early keeps
+        what it read (``report.truncated``).
         Raises the writer thread's error (a full disk, a store that refuses writes).
         """
         name = output_name(url)
         report = ShardReport(input=url, output=self.store.url(name), rank=self.rank, owner=owner)
-        self.store.clean_partial(name)  # left by a process that died on it
+        if clean:
+            self.store.clean_partial(name)  # left by a process that died on it
         self.dataset.select(url)
         self._held = []  # nothing of a shard that failed before
         opened = False
