@@ -113,26 +113,34 @@ def rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
 
 
-def plain(explainer: Explainer, inputs: list[str], cfg: ExplainConfig) -> int:
+def plain(explainer: Explainer, inputs: list[str], cfg: ExplainConfig, split: dict | None = None) -> int:
     """Plain inference: the job's loader (no decoded images kept; JPEGs decoded where the job
-    decodes them, ``explain.decode_device``), the forward, nothing written."""
+    decodes them, ``explain.decode_device``), the forward, nothing written. ``split`` gets the
+    seconds of decoding (summed over the workers) and of the forward, as the job counts them."""
     size = explainer.preprocess.image_size if cfg.decode_device == "model" else 0
     dataset = ShardChunks(explainer.transform, cfg.batch_size, keep_images=False, jpegs_for=size)
     loader = make_loader(dataset, cfg.num_workers, pin_memory=explainer.on_gpu)
-    count = 0
+    count, decode, forward = 0, 0.0, 0.0
     with torch.inference_mode():
         for url in inputs:
             dataset.select(url)
             for chunk in loader:
+                started = time.perf_counter()
+                decode += chunk.decode_s
                 pixels = chunk.pixels
                 if chunk.jpegs is not None and pixels is not None:
                     pixels = decode_chunk(chunk, explainer.transform, explainer.device)
+                    decoded = time.perf_counter()
+                    decode, started = decode + decoded - started, decoded
                 if pixels is not None:
-                    explainer.forward(pixels)
+                    explainer.forward(pixels)  # on a GPU: its launch (one sync at the end, below)
+                forward += time.perf_counter() - started
                 count += len(chunk.keys)
     if explainer.on_gpu:
         torch.cuda.synchronize()
     shutdown(loader)  # reaps the workers, so their CPU time is counted
+    if split is not None:
+        split.update(decode=decode, forward=forward)
     return count
 
 
@@ -182,13 +190,14 @@ def bench_case(backbone: str, size: int, images: int, source: int, args: argpars
         explainer = Explainer(model, meta, configs["plain"], dist.device())
         plain(explainer, inputs[:1], configs["plain"])  # warm-up
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
-        splits: dict[str, list[dict]] = {k: [] for k in args.rows}
+        splits: dict[str, list[dict]] = {k: [] for k in configs}
         rss_early, rss_late = [], []
         for r in range(args.rounds):
             for kind in list(configs) if r % 2 == 0 else list(configs)[::-1]:
                 wall, cpu = time.perf_counter(), cpu_seconds()
                 if kind == "plain":
-                    plain(explainer, inputs, configs[kind])
+                    splits[kind].append({})
+                    plain(explainer, inputs, configs[kind], splits[kind][-1])
                 else:
                     rss: list[float] = []
                     splits[kind].append(explain(explainer, inputs, configs[kind], tmp / "out", rss))
@@ -197,8 +206,10 @@ def bench_case(backbone: str, size: int, images: int, source: int, args: argpars
                         rss_late.append(max(rss))
                 runs[kind].append((time.perf_counter() - wall, cpu_seconds() - cpu))
         med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
+        split = {k: statistics.median(s[k] for s in splits["plain"]) / images * 1e3 for k in splits["plain"][0]}
         print(f"{case:<26} w={workers} n={images:<4} plain   {images / med['plain'][0]:7.1f} img/s "
-              f"{med['plain'][1] / images * 1e3:7.2f} CPU ms/img", flush=True)  # fmt: skip
+              f"{med['plain'][1] / images * 1e3:7.2f} CPU ms/img | split ms/img: "
+              f"{' '.join(f'{k} {v:.2f}' for k, v in split.items())}", flush=True)  # fmt: skip
         for row in args.rows:
             split = {k: statistics.median(s[k] for s in splits[row]) / images * 1e3 for k in splits[row][0]}
             print_row(case, workers, row, images, med["plain"], med[row], split, paired(runs["plain"], runs[row]))
