@@ -199,7 +199,7 @@ def test_a_process_lists_the_output_as_often_for_many_shards_as_for_few(tmp_path
         listings[shards] = store.listings
     assert listings[15] == listings[3], listings
     # waiting on another machine's claim until it is stale (lease 2 s, a look every 0.2 s): the
-    # claims are listed again and again, the whole output only when they change
+    # claims are listed again and again, the whole output only once the claim is stale
     store = CountedListings(tmp_path / "out-wait")
     foreign_claim(ClaimBoard(store, 2.0), "test-000000.tar", age_s=0.5)
     explain_into(store, write_corpus(tmp_path / "c-wait", {"test": [1, 1]}), package, cfg)
