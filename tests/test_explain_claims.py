@@ -106,6 +106,39 @@ def test_claim_of_a_dead_process_on_this_machine_is_stale_at_once(tmp_path):
     assert not board.path("e.tar", 0).exists()  # released
 
 
+def heartbeat_threads(board):
+    return [t for t in threading.enumerate() if t.name == f"claim-heartbeats-{board.owner.token}"]
+
+
+def test_one_thread_keeps_every_open_claim_fresh_and_a_released_claim_stays_gone(tmp_path):
+    board = ClaimBoard(tmp_path, lease_s=0.6)  # a beat every 0.1 s
+    first = board.try_claim("a.tar", None, "a.tar").__enter__()
+    second = board.try_claim("b.tar", None, "b.tar").__enter__()
+    assert len(heartbeat_threads(board)) == 1
+    until = time.time() + 2.0  # over three leases
+    while time.time() < until:
+        states = board.scan()
+        assert sorted(states) == ["a.tar", "b.tar"]
+        assert not any(board.is_stale(s, board.now()) for s in states.values()), states
+        time.sleep(0.05)
+    first.release()
+    time.sleep(0.4)  # beats go on for the other claim: none puts the released one back
+    assert not first.path.exists() and not board.is_stale(board.scan()["b.tar"], board.now())
+
+    # another process takes the second claim over: the next beat finds it lost, and touches nothing
+    board.path("b.tar", 1).write_text("{}")
+    deadline = time.time() + 2.0
+    while not second.lost and time.time() < deadline:
+        time.sleep(0.02)
+    assert second.lost and not second.held()
+    second.release()
+    assert sorted(p.name for p in (tmp_path / "_claims").glob("*.tar*")) == ["b.tar.claim-1"]
+    deadline = time.time() + 2.0  # with no claim open, the thread ends at its next beat
+    while heartbeat_threads(board) and time.time() < deadline:
+        time.sleep(0.02)
+    assert not heartbeat_threads(board)
+
+
 def test_truncated_shard_explains_its_readable_samples_once(tmp_path, package):
     corpus = write_corpus(tmp_path / "c", {"test": [10, 4]})
     shard = corpus.root / "test-000000.tar"

@@ -7,7 +7,7 @@ name does not exist yet* (``link(2)`` of a finished temporary file in a folder, 
 in a bucket):
 
 - **claim** a free shard: create generation 0. Of several processes trying, exactly one wins.
-- **heartbeat**: the owner's thread refreshes its claim's modification time every ``lease / 6``
+- **heartbeat**: one thread of the owner refreshes its claims' modification times every ``lease / 6``
   seconds (``utime`` of a file, a re-PUT of an object), after checking that no generation above
   its own exists.
 - **stale**: a claim is stale when its modification time is older than the lease, measured
@@ -143,6 +143,7 @@ class ClaimBoard:
         self.owner = owner or Owner.me()
         self._probe = f"{CLAIMS}/.clock-{self.owner.token}"
         self.reads_owners = isinstance(self.store, LocalStore)
+        self.heartbeats = _Heartbeats(max(0.05, lease_s / 6), f"claim-heartbeats-{self.owner.token}")
         if isinstance(self.store, LocalStore):  # other tools (and people) find the folder from the start
             self.store.file(CLAIMS).mkdir(parents=True, exist_ok=True)
 
@@ -236,26 +237,74 @@ class ClaimBoard:
         return Claim(self, name, generation, record)
 
     def close(self) -> None:
+        """Stop the heartbeat thread and drop this process's clock probe."""
+        self.heartbeats.close()
         self.store.delete(self._probe)
 
 
+class _Heartbeats:
+    """One thread that keeps the heartbeat of every claim a board holds open.
+
+    A thread per claim would cost a start and a join on every shard: milliseconds each where the
+    cores are busy with the forward, as a new thread must be scheduled before ``start`` returns.
+    This one starts with the first claim opened and ends at a beat that finds none open, or at
+    :meth:`close`.
+    """
+
+    def __init__(self, interval_s: float, name: str) -> None:
+        self.interval_s, self.name = interval_s, name
+        self._open: dict[int, Claim] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, claim: Claim) -> None:
+        with self._lock:
+            self._open[id(claim)] = claim
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+
+    def remove(self, claim: Claim) -> None:
+        with self._lock:
+            self._open.pop(id(claim), None)
+
+    def close(self) -> None:
+        """Stop the thread (claims still open are no longer refreshed)."""
+        self._closed.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while not self._closed.wait(self.interval_s):
+            with self._lock:
+                claims = list(self._open.values())
+                if not claims:  # under the lock: a claim opened from now on starts a new thread
+                    self._thread = None
+                    return
+            for claim in claims:
+                claim.beat()
+
+
 class Claim:
-    """A claim this process holds; a thread keeps its heartbeat while it is open."""
+    """A claim this process holds; its board's heartbeat thread refreshes it while it is open."""
 
     def __init__(self, board: ClaimBoard, name: str, generation: int, record: bytes = b"{}") -> None:
         self.board, self.name, self.generation = board, name, generation
         self.key = board.key(name, generation)
         self._record = record
-        self._stop = threading.Event()
+        self._beating = threading.Lock()  # a beat and the release never overlap
+        self._stopped = False
         self._lost = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
 
     @property
     def path(self) -> Path:
         return self.board.path(self.name, self.generation)
 
     def __enter__(self) -> Claim:
-        self._thread.start()
+        self.board.heartbeats.add(self)
         return self
 
     def __exit__(
@@ -263,15 +312,16 @@ class Claim:
     ) -> None:
         self.release()
 
-    def _beat(self) -> None:
-        interval = max(0.05, self.board.lease_s / 6)
-        while not self._stop.wait(interval):
+    def beat(self) -> None:
+        """Refresh the claim's modification time, or mark it lost when another process has taken it over."""
+        with self._beating:
+            if self._stopped or self._lost.is_set():
+                return
             try:
                 if not self.held() or not self.board.store.touch(self.key, self._record):
                     self._lost.set()
-                    return
             except Exception:  # a store that fails for a while: the next beat tries again, the lease decides
-                continue
+                pass
 
     @property
     def lost(self) -> bool:
@@ -286,8 +336,9 @@ class Claim:
         return store.exists(self.key) and not store.exists(self.board.key(self.name, self.generation + 1))
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the claim (also when lost: its successor has judged it already)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        """Stop the heartbeat and delete the claim (also when lost: its successor has judged it already).
+        Waits for a beat under way, so none can put the claim back once it is deleted."""
+        self.board.heartbeats.remove(self)
+        with self._beating:
+            self._stopped = True
         self.board.store.delete(self.key)
