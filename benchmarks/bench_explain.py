@@ -148,8 +148,8 @@ def explain(explainer: Explainer, inputs: list[str], cfg: ExplainConfig, out: Pa
     shutil.rmtree(out, ignore_errors=True)
     stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.wait(0.05):
+    def sample() -> None:  # a few times a second: each wake-up takes a core from the forward's threads
+        while not stop.wait(0.2):
             rss.append(rss_mb())
 
     sampler = threading.Thread(target=sample, daemon=True)
