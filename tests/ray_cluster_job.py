@@ -201,6 +201,8 @@ def main() -> None:
     alone = {k: v for k, v in env.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": f"{temp}/own"}
     clock = time.monotonic()
     log = work / "local.log"
+    (work / "local-out").mkdir()
+    (work / "local-out" / ".test-000002.tar.0123abcd.tmp").write_bytes(b"left by a writer killed mid-way")
     local = explain(str(work / "local-out"), log, str(Path(spec["corpus"]) / "test-00000[23].tar"), environ=alone)
     result["local"] = finish(local, log) | {"seconds": time.monotonic() - clock}
     result["local"]["left"] = [c for c in processes().values() if "raylet" in c or "gcs_server" in c]

@@ -19,8 +19,9 @@ import pytest
 
 from conftest import REPO, untrained_package, write_corpus
 from eatdist.config import ExplainConfig
-from eatdist.data.shards import iter_shard
+from eatdist.data.shards import AtomicShardWriter, iter_shard
 from eatdist.explain.ray_engine import actor_shape
+from eatdist.store.local import LocalStore
 
 SHARDS, PER_SHARD = 12, 16
 
@@ -65,6 +66,22 @@ def test_actor_shapes_follow_the_cluster():
     assert actor_shape(cfg, {"CPU": 64.0, "GPU": 8.0}, 100) == (8, 3.0, 1.0)
     assert actor_shape(ExplainConfig(ray_gpus_per_actor=0.5), {"CPU": 64.0, "GPU": 2.0}, 3) == (3, 3.0, 0.5)
     assert actor_shape(ExplainConfig(ray_actors=2), {"CPU": 64.0}, 100)[0] == 2
+
+
+def test_a_folders_leftovers_of_killed_writers_are_found_from_one_listing(tmp_path):
+    store = LocalStore(tmp_path)
+    killed = AtomicShardWriter(tmp_path / "test-000001.tar")  # a writer killed mid-way: never closed
+    killed.write({"__key__": "a", "json": b"{}"})
+    killed._file.flush()
+    (tmp_path / ".test-000003.tar.idx.0123abcd.tmp").write_bytes(b"")  # an index being written
+    (tmp_path / ".test-000004.tar2.0123abcd.tmp").write_bytes(b"")  # another shard's name
+    (tmp_path / "test-000002.tar").write_bytes(b"")
+    names = {f"test-00000{i}.tar" for i in range(1, 5)}
+    assert store.partial_among(names, store.list("")) == {"test-000001.tar", "test-000003.tar"}
+    for name in ("test-000001.tar", "test-000003.tar"):
+        store.clean_partial(name)
+    assert store.partial_among(names, store.list("")) == set()
+    assert (tmp_path / ".test-000004.tar2.0123abcd.tmp").exists()
 
 
 @pytest.mark.slow
@@ -120,3 +137,5 @@ def test_a_driver_without_an_address_starts_its_own_cluster(cluster_run):
     result, corpus, work = cluster_run
     explained_two_shards(result["local"], work / "local-out", corpus.root.glob("test-00000[23].tar"))
     assert not result["local"]["left"]  # the cluster it started ends with it
+    # what a writer killed in an earlier run left is found in the first listing and cleaned
+    assert not list((work / "local-out").rglob("*.tmp"))

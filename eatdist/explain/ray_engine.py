@@ -95,10 +95,11 @@ class ShardActor:
         """Return this actor's host:pid (the driver waits for it before handing work)."""
         return self.label
 
-    def explain(self, url: str) -> dict[str, Any]:
-        """Explain input ``url`` and publish its output shard; return its report, or ``{"failed": reason}``."""
+    def explain(self, url: str, clean: bool = True) -> dict[str, Any]:
+        """Explain input ``url`` and publish its output shard; return its report, or ``{"failed": reason}``.
+        ``clean`` first removes what a writer killed mid-way on this shard left (see :meth:`ShardWork.explain`)."""
         published: list[Any] = []
-        reason = self.work.explain(url, self.label, published.append)
+        reason = self.work.explain(url, self.label, published.append, clean=clean)
         if reason is not None:
             record_failure(self.store, url, reason, self.label)
             return {"input": url, "failed": reason, "owner": self.label}
@@ -148,10 +149,14 @@ def actor_shape(cfg: ExplainConfig, resources: dict[str, float], shards: int) ->
 
 
 class RayDriver:
-    """Hands shards to actors one at a time, replaces actors that die, and requeues their shards."""
+    """Hands shards to actors one at a time, replaces actors that die, and requeues their shards.
+
+    An actor cleans a shard's leftovers (a folder listing each time) only where there can be any:
+    shards the output's listing at the start showed some of (``partial``), and shards whose actor died.
+    """
 
     def __init__(self, ray: Any, package: Any, output: str, cfg: ExplainConfig, actors: int, cpus: float,
-                 gpus: float) -> None:  # fmt: skip
+                 gpus: float, partial: set[str] | None = None) -> None:  # fmt: skip
         self.ray, self.package, self.output, self.cfg = ray, package, output, cfg
         self.target = actors
         self.remote = ray.remote(ShardActor).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
@@ -159,6 +164,7 @@ class RayDriver:
         self.starting: dict[Any, Any] = {}  # ready() ref → actor
         self.busy: dict[Any, tuple[Any, str]] = {}  # explain() ref → (actor, input)
         self.idle: list[Any] = []
+        self.partial = set(partial or ())  # output names whose shard a killed writer may have left a part of
         self.failed_starts = 0  # actors that died starting, in a row
         # What this run explained; the reports themselves stay in the store (100k shards: no memory).
         self.images, self.shards = 0, 0
@@ -177,7 +183,7 @@ class RayDriver:
         while queue or self.busy:
             while self.idle and queue:
                 actor, url = self.idle.pop(), queue.popleft()
-                self.busy[actor.explain.remote(url)] = (actor, url)
+                self.busy[actor.explain.remote(url, output_name(url) in self.partial)] = (actor, url)
             if self.busy or self.idle:
                 alone_since = time.monotonic()
             elif time.monotonic() - alone_since > NO_ACTOR_TIMEOUT_S:
@@ -223,6 +229,7 @@ class RayDriver:
             log.warning("the actor explaining %s died (%s); the shard goes back to the queue", output_name(url),
                         _first_line(exc))  # fmt: skip
             queue.appendleft(url)
+            self.partial.add(output_name(url))
             self._spawn()
             return
         if "failed" in report:
@@ -260,6 +267,7 @@ def run_ray(model_path: str | Path, inputs: list[str], output: str | Path, cfg: 
     start_job(store, inputs, cfg.lease_s)
     present = set(store.list(""))
     todo = [url for url in inputs if output_name(url) not in present]
+    partial = store.partial_among({output_name(url) for url in todo}, list(present))
     counts = planned_counts(inputs)
     known = len(counts) == len(inputs)
     bar = tqdm(total=sum(counts.values()) if known else None, desc="explain", unit="img", dynamic_ncols=True,
@@ -271,7 +279,7 @@ def run_ray(model_path: str | Path, inputs: list[str], output: str | Path, cfg: 
             actors, cpus, gpus = actor_shape(cfg, ray.cluster_resources(), len(todo))
             log.info("explaining %d of %d shards with %d Ray actor(s) of %g core(s) and %g GPU(s)",
                      len(todo), len(inputs), actors, cpus, gpus)  # fmt: skip
-            driver = RayDriver(ray, ray.put(package), str(output), cfg, actors, cpus, gpus)
+            driver = RayDriver(ray, ray.put(package), str(output), cfg, actors, cpus, gpus, partial)
             try:
                 driver.run(todo, bar)
             finally:

@@ -82,7 +82,8 @@ class ShardWork:
         calls ``done(report)`` (``done(None)`` when dropped); reading stops early once ``lost()``.
         ``progress(n)`` hears the samples read so far; ``clean`` first removes what a writer killed
         mid-way on this shard left in the store (a folder's listing: the claims engine asks only
-        when it takes a shard over, as only a claimed shard can have such a writer). A shard that
+        when it takes a shard over, as only a claimed shard can have such a writer; the Ray driver
+        for shards its first listing showed leftovers of and those whose actor died). A shard that
         cannot be opened at all writes nothing and returns the reason; one that ends early keeps
         what it read (``report.truncated``).
         Raises the writer thread's error (a full disk, a store that refuses writes).

@@ -101,6 +101,11 @@ class Store(ABC):
     def clean_partial(self, name: str) -> None:  # noqa: B027  (most stores leave nothing partial)
         """Remove what a writer of shard ``name`` killed mid-way left in the store."""
 
+    def partial_among(self, names: set[str], listing: list[str]) -> set[str]:
+        """Return those shard ``names`` that a writer killed mid-way left something of
+        (:meth:`clean_partial` removes it), as ``listing`` (of the store's top level) shows them."""
+        return set()
+
     def now(self, probe: str) -> float:
         """Return the store's current time (seconds): the modification time of ``probe``, written just now."""
         self.put(probe, b"")

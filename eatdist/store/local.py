@@ -111,3 +111,12 @@ class LocalStore(Store):
     def clean_partial(self, name: str) -> None:
         for stale in self.path.glob(f".{glob.escape(name)}.*.tmp"):
             stale.unlink(missing_ok=True)
+
+    def partial_among(self, names: set[str], listing: list[str]) -> set[str]:
+        # What clean_partial's pattern matches, ".<name>.<anything>.tmp", read off one listing.
+        found = set()
+        for entry in listing:
+            if entry.startswith(".") and entry.endswith(".tmp"):
+                stem = entry[1:-4]
+                found.update(stem[:i] for i, c in enumerate(stem) if c == "." and stem[:i] in names)
+        return found
