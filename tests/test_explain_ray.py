@@ -72,7 +72,7 @@ def test_a_folders_leftovers_of_killed_writers_are_found_from_one_listing(tmp_pa
     store = LocalStore(tmp_path)
     killed = AtomicShardWriter(tmp_path / "test-000001.tar")  # a writer killed mid-way: never closed
     killed.write({"__key__": "a", "json": b"{}"})
-    killed._file.flush()
+    assert killed.tmp_path.exists()
     (tmp_path / ".test-000003.tar.idx.0123abcd.tmp").write_bytes(b"")  # an index being written
     (tmp_path / ".test-000004.tar2.0123abcd.tmp").write_bytes(b"")  # another shard's name
     (tmp_path / "test-000002.tar").write_bytes(b"")
