@@ -109,19 +109,23 @@ def _tint(base: Image.Image, full: np.ndarray, edge: np.ndarray, alpha: float) -
     return _tint_levels(base, (full * 255).astype(np.uint8), edge, alpha)
 
 
-def _tint_levels(base: Image.Image, level: np.ndarray, edge: np.ndarray, alpha: float) -> Image.Image:
+def _tint_levels(base: Image.Image, level: np.ndarray, edge: np.ndarray, alpha: float, *,
+                 in_place: bool = False) -> Image.Image:  # fmt: skip
     """Return ``base`` (RGB) with a map's 8-bit ``level`` (``[H, W]``: ``floor(255 * map)``) and
     its contour ``edge`` drawn over it, on 8-bit planes in PIL's C code: the levels become colours
-    and opacities through 256-entry tables (a palette, a lookup), then ``Image.composite`` blends.
-    ``level`` is changed (the contour's pixels).
+    and opacities through 256-entry tables (a palette, a lookup), then a paste through the
+    opacities blends. ``level`` is changed (the contour's pixels); so is ``base`` when ``in_place``.
 
     Level 0 has no opacity, so its colour never shows: the contour takes that palette entry
-    (white) at full opacity, drawn by the same composite."""
+    (white) at full opacity, drawn by the same paste."""
     opacity = np.take(_opacities(alpha), level)  # no tint at level 0
-    level[edge], opacity[edge] = 0, 255
+    np.copyto(level, 0, where=edge)
+    np.copyto(opacity, 255, where=edge)
     heat = Image.fromarray(level, mode="L")
     heat.putpalette(_PALETTE)
-    return Image.composite(heat.convert("RGB"), base, Image.fromarray(opacity, mode="L"))
+    out = base if in_place else base.copy()
+    out.paste(heat.convert("RGB"), None, Image.fromarray(opacity, mode="L"))  # Image.composite, in place
+    return out
 
 
 def blend(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.6) -> Image.Image:
@@ -164,16 +168,17 @@ def attribute_strip(
         small.thumbnail((tile, tile), Image.BILINEAR)
     (width, height), gap, count = small.size, 2, len(maps)
     full = upsample(maps, small.size)  # [K, H, W]
-    levels, edges = (full * 255).astype(np.uint8), _contour(full)
     # The K tiles side by side, each followed by the gap (none after the last), drawn in one pass:
-    # in the gaps the level is 0 (no tint) over white.
-    span = count * (width + gap) - gap
-    level = np.zeros((height, span), dtype=np.uint8)
-    edge = np.zeros((height, span), dtype=bool)
-    base = np.full((height, span, 3), 255, dtype=np.uint8)
-    pixels = np.asarray(small)
-    for k, left in enumerate(range(0, span, width + gap)):
-        level[:, left : left + width] = levels[k]
-        edge[:, left : left + width] = edges[k]
-        base[:, left : left + width] = pixels
-    return encode(_tint_levels(Image.fromarray(base), level, edge, alpha), fmt)
+    # in the gaps the level is 0 (no tint) over white. Each row of the strip is the rows of the
+    # K tiles, gap-padded: one strided copy per plane, not one per tile.
+    span, stride = count * (width + gap) - gap, width + gap
+    level = np.zeros((height, count, stride), dtype=np.uint8)
+    level[:, :, :width] = (full * 255).astype(np.uint8).transpose(1, 0, 2)
+    edge = np.zeros((height, count, stride), dtype=bool)
+    edge[:, :, :width] = _contour(full).transpose(1, 0, 2)
+    base = Image.new("RGB", (span, height), (255, 255, 255))
+    for left in range(0, span, stride):
+        base.paste(small, (left, 0))
+    level_strip = np.ascontiguousarray(level.reshape(height, -1)[:, :span])
+    drawn = _tint_levels(base, level_strip, edge.reshape(height, -1)[:, :span], alpha, in_place=True)
+    return encode(drawn, fmt)
