@@ -5,11 +5,14 @@ then rounds that alternate (forward and reverse order) between
   plain     read, decode, transform (in the same DataLoader workers) and forward, nothing kept
   explain   the explanation job: the same, plus top-k, maps and the parts of one output row
             (default: json, txt, heatmaps.npy; +overlay, +attr_maps, +image; all), tar writing
-on the same shards, batch size and workers (encoding processes: explain's default).
+on the same shards, batch size and workers (encoding processes: explain's default), for every
+worker count of ``--workers`` in the same rounds.
 Prints medians over the rounds: images/s (wall) and CPU ms per image (this process and all its
 children: loader workers and encoding processes), their ratios, the medians of the same ratios
-taken within each round ("per round": throughput / CPU), explain's time split and the
-main process's peak memory early in a run against the end of it (flat when equal). On a machine
+taken within each round ("per round": throughput / CPU), explain's time split; how images/s
+grow from one worker count to the next, plain and per row, with the median per round of each
+row's growth over plain's (1.0: explanation scales as plain inference does); and the main
+process's peak memory early in a run against the end of it (flat when equal). On a machine
 shared with other work, wall time swings: the CPU ratio is the steadier figure.
 
 ``--command N`` instead times whole commands, the way a user runs them: ``eatdist explain`` on N
@@ -26,6 +29,7 @@ process tree. Not a test: timings depend on the machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -33,6 +37,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -180,44 +185,85 @@ def bench_case(backbone: str, size: int, images: int, source: int, args: argpars
     package = make_package(tmp, backbone, size, info)
     model, meta = load_package(package, dist.device())
     case = f"{backbone} {size}px" + (f" from {source}px" if source != size else "")
+    # Every worker count runs in the same rounds: a slow spell weighs on each alike, so the
+    # figures of different counts (and the scaling between them) compare.
+    configs: dict[tuple[int, str], ExplainConfig] = {}
+    explainers: dict[int, Explainer] = {}
     for workers in args.workers:
         base = dict(batch_size=args.batch, num_workers=workers, bf16=args.bf16, channels_last=args.channels_last,
                     render_device=args.render_device, decode_device=args.decode_device,
                     encode_workers=args.encode_workers, group_images=args.group_images)  # fmt: skip
-        configs = {"plain": ExplainConfig(**base)} | {
-            row: ExplainConfig(**base, outputs=ROWS[row]) for row in args.rows
-        }
-        explainer = Explainer(model, meta, configs["plain"], dist.device())
-        plain(explainer, inputs[:1], configs["plain"])  # warm-up
-        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
-        splits: dict[str, list[dict]] = {k: [] for k in configs}
-        rss_early, rss_late = [], []
-        for r in range(args.rounds):
-            for kind in list(configs) if r % 2 == 0 else list(configs)[::-1]:
-                wall, cpu = time.perf_counter(), cpu_seconds()
-                if kind == "plain":
-                    splits[kind].append({})
-                    plain(explainer, inputs, configs[kind], splits[kind][-1])
-                else:
-                    rss: list[float] = []
-                    splits[kind].append(explain(explainer, inputs, configs[kind], tmp / "out", rss))
-                    if len(rss) >= 4:
-                        rss_early.append(max(rss[: len(rss) // 4]))
-                        rss_late.append(max(rss))
-                runs[kind].append((time.perf_counter() - wall, cpu_seconds() - cpu))
-        med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
-        split = {k: statistics.median(s[k] for s in splits["plain"]) / images * 1e3 for k in splits["plain"][0]}
-        print(f"{case:<26} w={workers} n={images:<4} plain   {images / med['plain'][0]:7.1f} img/s "
-              f"{med['plain'][1] / images * 1e3:7.2f} CPU ms/img | split ms/img: "
+        configs[workers, "plain"] = ExplainConfig(**base)
+        configs |= {(workers, row): ExplainConfig(**base, outputs=ROWS[row]) for row in args.rows}
+        explainers[workers] = Explainer(model, meta, configs[workers, "plain"], dist.device())
+        plain(explainers[workers], inputs[:1], configs[workers, "plain"])  # warm-up
+    runs: dict[tuple[int, str], list[tuple[float, float]]] = {k: [] for k in configs}
+    splits: dict[tuple[int, str], list[dict]] = {k: [] for k in configs}
+    rss_early, rss_late = [], []
+    for r in range(args.rounds):
+        for key in list(configs) if r % 2 == 0 else list(configs)[::-1]:
+            workers, kind = key
+            wall, cpu = time.perf_counter(), cpu_seconds()
+            if kind == "plain":
+                splits[key].append({})
+                plain(explainers[workers], inputs, configs[key], splits[key][-1])
+            else:
+                rss: list[float] = []
+                splits[key].append(explain(explainers[workers], inputs, configs[key], tmp / "out", rss))
+                if len(rss) >= 4:
+                    rss_early.append(max(rss[: len(rss) // 4]))
+                    rss_late.append(max(rss))
+            runs[key].append((time.perf_counter() - wall, cpu_seconds() - cpu))
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
+    for workers in args.workers:
+        plain_key = (workers, "plain")
+        split = {k: statistics.median(s[k] for s in splits[plain_key]) / images * 1e3 for k in splits[plain_key][0]}
+        print(f"{case:<26} w={workers} n={images:<4} plain   {images / med[plain_key][0]:7.1f} img/s "
+              f"{med[plain_key][1] / images * 1e3:7.2f} CPU ms/img | split ms/img: "
               f"{' '.join(f'{k} {v:.2f}' for k, v in split.items())}", flush=True)  # fmt: skip
         for row in args.rows:
-            split = {k: statistics.median(s[k] for s in splits[row]) / images * 1e3 for k in splits[row][0]}
-            print_row(case, workers, row, images, med["plain"], med[row], split, paired(runs["plain"], runs[row]))
-        early, late = max(rss_early, default=0), max(rss_late, default=0)
-        peak = f", peak device memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if explainer.on_gpu else ""
-        print(f"{'':<26} RSS MB (main process) early {early:.0f} end {late:.0f}{peak}", flush=True)
-        if explainer.on_gpu:
-            torch.cuda.reset_peak_memory_stats()
+            key = (workers, row)
+            split = {k: statistics.median(s[k] for s in splits[key]) / images * 1e3 for k in splits[key][0]}
+            print_row(case, workers, row, images, med[plain_key], med[key], split, paired(runs[plain_key], runs[key]))
+    for fewer, more in itertools.pairwise(args.workers):
+        print_scaling(case, fewer, more, args.rows, runs)
+    named = named_per_image(tmp / "out")
+    if named:
+        print(f"{'':<26} attributes named per image (the tiles of attr_maps): mean {statistics.mean(named):.1f}, "
+              f"{min(named)}-{max(named)}", flush=True)  # fmt: skip
+    early, late = max(rss_early, default=0), max(rss_late, default=0)
+    on_gpu = dist.device().type == "cuda"
+    peak = f", peak device memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if on_gpu else ""
+    print(f"{'':<26} RSS MB (main process) early {early:.0f} end {late:.0f}{peak}", flush=True)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def named_per_image(out: Path) -> list[int]:
+    """How many attributes each explanation of the last explain run (in ``out``) names: what an
+    attribute strip draws, and what the maps hold."""
+    counts = []
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json") and (data := tar.extractfile(member)) is not None:
+                    counts.append(len(json.loads(data.read())["top_attributes"]))
+    return counts
+
+
+def print_scaling(case: str, fewer: int, more: int, rows: list[str], runs: dict) -> None:
+    """How throughput grows from ``fewer`` to ``more`` workers, plain and for each row; and, per
+    round, each row's growth over plain's (1.0: it scales as plain inference does)."""
+
+    def growth(kind: str) -> float:
+        return statistics.median(w for w, _ in runs[fewer, kind]) / statistics.median(w for w, _ in runs[more, kind])
+
+    def per_round(kind: str) -> float:
+        rounds = zip(runs[fewer, "plain"], runs[more, "plain"], runs[fewer, kind], runs[more, kind], strict=True)
+        return statistics.median((e1[0] / e2[0]) / (p1[0] / p2[0]) for p1, p2, e1, e2 in rounds)
+
+    shown = "  ".join(f"{row} x{growth(row):.3f} (per round x{per_round(row):.3f} of plain's)" for row in rows)
+    print(f"{case:<26} img/s from w={fewer} to w={more}: plain x{growth('plain'):.3f}  {shown}", flush=True)
 
 
 def paired(plain: list[tuple[float, float]], run: list[tuple[float, float]]) -> tuple[float, float]:
