@@ -211,10 +211,12 @@ class ExplainConfig:
     # Batches (groups of group_images) waiting for the writer thread: bounds memory while the
     # device runs ahead.
     queue_batches: int = 4
-    # Processes that render and encode the outputs; null: as many as num_workers when pictures
-    # are drawn on the CPU, else none (json, text, maps and a copy of the input JPEG cost less to
-    # encode than to ship).
-    # Without them a model on the CPU encodes in its own thread, on a GPU the writer thread does.
+    # Processes that render and encode the outputs; null: where pictures are drawn on the CPU,
+    # as many as num_workers beside a GPU, and beside a CPU model one without loader workers and
+    # none with them (the writer thread draws: PIL works without the interpreter lock); none
+    # where nothing is drawn (json, text, maps and a copy of the input JPEG cost less to encode
+    # than to ship). Without them a model on the CPU encodes in its own thread (pictures beside
+    # loader workers: the writer thread), on a GPU the writer thread does.
     encode_workers: int | None = None
     # Where overlays, attribute strips and image copies are drawn and JPEG-encoded: "auto" on the
     # model's GPU when it runs on one (nvJPEG), else in the encoding processes; "cpu" always there.

@@ -65,7 +65,7 @@ def test_a_cpu_model_encodes_inline_the_bytes_the_writer_thread_would(tmp_path, 
 
     cpu = torch.device("cpu")
     model, meta = load_package(package, cpu)
-    cfg = ExplainConfig(batch_size=8, num_workers=0, outputs=EVERY_PART)
+    cfg = ExplainConfig(batch_size=8, num_workers=0, encode_workers=0, outputs=EVERY_PART)
     explainer, shard = Explainer(model, meta, cfg, cpu), str(tiny_corpus.root / "test-000000.tar")
     written = {}
     for inline in (True, False):  # False: as on a GPU, the writer thread encodes
@@ -108,21 +108,30 @@ def test_images_explained_in_groups_give_the_bytes_of_one_batch_at_a_time(tmp_pa
         run_explain(str(package), str(corpus.root), str(tmp_path / "bad"), ExplainConfig(group_images=-1))
 
 
-def test_encoding_processes_by_default_only_for_pictures_drawn_on_the_cpu(tmp_path, package):
+def test_pictures_are_encoded_by_default_where_they_cost_least(tmp_path, package):
     from eatdist.explain.writer import ShardWriterThread
     from eatdist.models.package import load_package
     from eatdist.store import open_store
 
     _, meta = load_package(package, torch.device("cpu"))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # the writer only reads the device's type here
     copy = ["json", "image"]  # the input JPEG as it is: nothing drawn
-    for cfg, processes in ((ExplainConfig(num_workers=2), None), (ExplainConfig(num_workers=2, outputs=EVERY_PART), 2),
-                           (ExplainConfig(num_workers=2, outputs=copy), None),
-                           (ExplainConfig(num_workers=2, outputs=["json", "image.png"]), 2),
-                           (ExplainConfig(num_workers=2, encode_workers=1), 1)):  # fmt: skip
-        writer = ShardWriterThread(meta, cfg, open_store(tmp_path))
+    # (device, config, encoding processes, encoded by the thread that hands the batch over)
+    cases = (
+        (cpu, ExplainConfig(num_workers=2), None, True),  # nothing drawn
+        (cpu, ExplainConfig(num_workers=2, outputs=copy), None, True),
+        (cpu, ExplainConfig(num_workers=2, outputs=EVERY_PART), None, False),  # the writer thread draws
+        (cpu, ExplainConfig(num_workers=2, outputs=["json", "image.png"]), None, False),
+        (cpu, ExplainConfig(num_workers=0, outputs=EVERY_PART), 1, False),  # the main thread decodes
+        (cpu, ExplainConfig(num_workers=0, outputs=EVERY_PART, encode_workers=0), None, True),
+        (cpu, ExplainConfig(num_workers=2, encode_workers=1), 1, False),
+        (gpu, ExplainConfig(num_workers=3, outputs=EVERY_PART, render_device="cpu"), 3, False),
+        (gpu, ExplainConfig(num_workers=3, outputs=EVERY_PART), None, False),  # drawn on the device
+    )
+    for device, cfg, processes, inline in cases:
+        writer = ShardWriterThread(meta, cfg, open_store(tmp_path), device)
         try:
-            assert (writer.pool.processes if writer.pool else None) == processes
-            assert writer.inline == (processes is None)
+            assert (writer.pool.processes if writer.pool else None, writer.inline) == (processes, inline), cfg
         finally:
             writer.close()
 

@@ -95,6 +95,17 @@ def draws_on_device(cfg: ExplainConfig, device: torch.device) -> bool:
     )
 
 
+def default_encoders(cfg: ExplainConfig, outputs: Outputs, device: torch.device, on_device: bool) -> int:
+    """The encoding processes of an unset ``explain.encode_workers``: none where nothing is drawn
+    on the CPU; beside a GPU, one per loader worker (the device outruns a thread); beside a CPU
+    forward, one when there are no loader workers, else none (the writer thread draws)."""
+    if not outputs.drawn or on_device:
+        return 0
+    if device.type != "cpu":
+        return cfg.num_workers
+    return 1 if cfg.num_workers == 0 else 0
+
+
 @dataclass
 class _Open:
     report: ShardReport
@@ -120,12 +131,14 @@ class ShardWriterThread:
     """One thread writing the explanation shards of this process, in order.
 
     With ``explain.encode_workers`` above 0 the samples are encoded in that many processes, forked
-    here: make the writer before the process starts other threads. Unset, it is ``num_workers``
-    when picture parts are drawn on the CPU, else 0: json, text, ``heatmaps.npy`` and a copy of
-    the input JPEG cost less to encode than to ship to a process. Without processes, a model on
-    the CPU has the samples encoded by the thread that hands them over (a second thread would
-    only contend for the same cores and the interpreter lock); on a GPU, by this thread, while
-    the device runs the next batch.
+    here: make the writer before the process starts other threads. Unset, see
+    :func:`default_encoders`: json, text, ``heatmaps.npy`` and a copy of the input JPEG cost less
+    to encode than to ship to a process. Without processes, a model on the CPU has the samples
+    encoded by the thread that hands them over (a second thread would only contend for the same
+    cores and the interpreter lock), except pictures drawn while loader workers decode: PIL draws
+    and encodes without the interpreter lock, so this thread draws them beside a forward that
+    waits in its own native code, at less cost than shipping them to processes. On a GPU, this
+    thread encodes while the device runs the next batch.
     Shards and reports are published through ``store``.
     """
 
@@ -136,12 +149,13 @@ class ShardWriterThread:
         self.on_device = draws_on_device(cfg, self.device)
         workers = cfg.encode_workers
         if workers is None:
-            workers = cfg.num_workers if self.outputs.drawn and not self.on_device else 0
+            workers = default_encoders(cfg, self.outputs, self.device, self.on_device)
         if workers < 0:
             raise ConfigError(f"config key 'explain.encode_workers': must be at least 0, got {workers}")
         self.timings = Timings()
         self.pool = EncoderPool(workers, meta, self.outputs) if workers > 0 else None
-        self.inline = self.pool is None and self.device.type == "cpu"
+        drawn_beside_loaders = bool(self.outputs.drawn) and cfg.num_workers > 0
+        self.inline = self.pool is None and self.device.type == "cpu" and not drawn_beside_loaders
         self._source = ""  # the output shard's name, for the samples encoded by the caller
         # Batches handed to the processes and not yet written: each process holds one, plus one queued.
         self._pending: deque[Future[Encoded]] = deque()
