@@ -211,15 +211,14 @@ class ExplainConfig:
     # Batches (groups of group_images) waiting for the writer thread: bounds memory while the
     # device runs ahead.
     queue_batches: int = 4
-    # Processes that render and encode the outputs; null: where pictures are drawn on the CPU,
-    # as many as num_workers beside a GPU, and beside a CPU model one without loader workers and
-    # none with them (the writer thread draws: PIL works without the interpreter lock); none
-    # where nothing is drawn (json, text, maps and a copy of the input JPEG cost less to encode
-    # than to ship). Without them a model on the CPU encodes in its own thread (pictures beside
-    # loader workers: the writer thread), on a GPU the writer thread does.
+    # Processes that render and encode the outputs. Null: none unless pictures are drawn on the
+    # CPU (json, text, maps and a copy of the input JPEG cost less to encode than to ship); then
+    # as many as num_workers beside a GPU, and beside a CPU model one without loader workers,
+    # none with them. Without processes the writer thread encodes, except on a CPU where nothing
+    # is drawn or there are no loader workers: there the main thread does, in line.
     encode_workers: int | None = None
     # Where overlays, attribute strips and image copies are drawn and JPEG-encoded: "auto" on the
-    # model's GPU when it runs on one (nvJPEG), else in the encoding processes; "cpu" always there.
+    # model's GPU when it runs on one (nvJPEG), else on the CPU (encode_workers); "cpu" always there.
     render_device: Literal["auto", "cpu"] = "auto"
     # Where JPEG inputs are decoded: "cpu" in the DataLoader processes; "model" where the model
     # runs, a batch at a time (nvJPEG on a GPU: the loader processes only read bytes).
